@@ -1,0 +1,396 @@
+"""The Celery task that runs one Lethe job: claim it, run the engine, publish or fail it.
+
+A broker message carries only a job id; the database is the source of truth. `run_job` is
+the whole glue and is a plain function, so tests call it in-process; the Celery task
+`RUN_JOB` wraps it with `acks_late` and `reject_on_worker_lost` (a message is acknowledged
+only after the job reached a final state; a worker that dies leaves it to be redelivered, and
+the sweeper re-enqueues whatever the broker itself loses).
+
+Flow of one message:
+1. `claim_job` takes the job for this worker (or returns None: another worker holds a live
+   claim, the job is already final, or it is not this job's turn; the message is dropped).
+2. The engine (imported here, never at module import, so the Celery parent never loads torch)
+   runs `run_train` (train, retrain) or `run_unlearn`. `_JobReporter` writes its progress with
+   `record_progress`, at most about twice a second plus every phase change, and a heartbeat
+   thread keeps `heartbeat_at` fresh through long steps. The cancel flag comes back from those
+   writes; `should_cancel` answers from it and refreshes it when it is older than its poll
+   interval.
+3. `complete_job` verifies and publishes in one transaction; a fallback job it names (the
+   model's policy after a failed verdict) is enqueued.
+4. `engine.errors.Cancelled` → `mark_cancelled`; `engine.errors.InvalidInput` → `fail_job`
+   with its code and message; anything else → `fail_job` with code `worker_error` and the
+   exception's type and message (never a traceback; the traceback goes to the worker log).
+   `StaleAttempt` from the service means another attempt owns the job now: this one stops
+   without touching it.
+
+Process model: the worker runs Celery's `solo` pool (see `worker/main.py`), so the process
+that imports torch and initialises CUDA is the one that runs the job and never forks.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from celery import shared_task
+
+from app.errors import StaleAttempt
+from app.services import jobs as job_service
+from app.settings import Settings, get_settings
+from engine.errors import Cancelled, InvalidInput
+from worker.celery_app import RUN_JOB
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from engine.jobs import JobOutput, Progress
+
+log = logging.getLogger(__name__)
+
+SessionFactory = Callable[[], AbstractContextManager["Session"]]
+Enqueue = Callable[[Any], None]
+
+#: Minimum seconds between two progress writes of one job (phase changes always write).
+PROGRESS_INTERVAL_S = 0.5
+#: Maximum age of the cancel flag `should_cancel` answers from.
+CANCEL_POLL_S = 0.5
+#: Longest error message kept on a failed job.
+MAX_ERROR_CHARS = 2000
+
+
+@dataclass(frozen=True)
+class JobRun:
+    """What `run_job` did with one message (for logs and tests)."""
+
+    job_id: Any
+    outcome: str  # skipped | succeeded | failed | cancelled | stale
+    detail: str = ""
+    fallback_job_ids: tuple[Any, ...] = ()
+
+
+class _LostClaim(Exception):
+    """Raised inside the worker when the service says another attempt owns the job."""
+
+
+class _JobReporter:
+    """Throttled progress writes, the heartbeat thread and the cancel flag of one job.
+
+    Writes are serialised by a lock (the engine's thread and the heartbeat thread share it);
+    each write is one short transaction of its own, so a slow job never holds a database
+    lock between steps.
+    """
+
+    def __init__(
+        self,
+        sessions: SessionFactory,
+        job_id: Any,
+        *,
+        heartbeat_interval_s: float,
+        progress_interval_s: float = PROGRESS_INTERVAL_S,
+        cancel_poll_s: float = CANCEL_POLL_S,
+    ) -> None:
+        self._sessions = sessions
+        self._job_id = job_id
+        self._progress_interval_s = progress_interval_s
+        self._cancel_poll_s = cancel_poll_s
+        self._heartbeat_interval_s = heartbeat_interval_s
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_write = 0.0
+        self._phase = "loading"
+        self._phase_started = time.monotonic()
+        self._step = 0
+        self._total = 0
+        self._losses: dict[str, float] = {}
+        self._weights: dict[str, float] = {}
+        self.cancel_requested = False
+        self.lost_claim = False
+        self.writes = 0
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def __enter__(self) -> _JobReporter:
+        self.write(force=True)
+        self._thread = threading.Thread(
+            target=self._heartbeat_loop, name=f"lethe-heartbeat-{self._job_id}", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(self._heartbeat_interval_s / 2):
+            if time.monotonic() - self._last_write >= self._heartbeat_interval_s:
+                try:
+                    self.write(force=True)
+                except Exception:  # the next beat retries; the job itself carries on
+                    log.warning("heartbeat of job %s failed", self._job_id, exc_info=True)
+
+    # -- engine callbacks -----------------------------------------------------------------
+
+    def on_progress(self, progress: Progress) -> None:
+        """The engine's progress callback: remember, then write if due (or on a new phase)."""
+        new_phase = progress.phase != self._phase
+        if new_phase:
+            self._phase_started = time.monotonic()
+        self._phase = progress.phase
+        self._step, self._total = progress.step, progress.total_steps
+        self._losses = {k: float(v) for k, v in progress.losses.items()}
+        self._weights = {k: float(v) for k, v in progress.weights.items()}
+        due = time.monotonic() - self._last_write >= self._progress_interval_s
+        if new_phase or due:
+            self.write(force=True)
+
+    def should_cancel(self) -> bool:
+        """The engine's cancel poll: the database flag, at most `cancel_poll_s` old."""
+        stale = time.monotonic() - self._last_write >= self._cancel_poll_s
+        if stale and not (self.cancel_requested or self.lost_claim):
+            self.write(force=True)
+        return self.cancel_requested or self.lost_claim
+
+    def set_phase(self, phase: str) -> None:
+        """A phase the worker itself enters (`publishing`); always written."""
+        self._phase, self._phase_started = phase, time.monotonic()
+        self._step = self._total = 0
+        self.write(force=True)
+
+    # -- the write ------------------------------------------------------------------------
+
+    def _eta(self) -> float | None:
+        if self._step <= 0 or self._total <= self._step:
+            return None
+        elapsed = time.monotonic() - self._phase_started
+        return round(elapsed / self._step * (self._total - self._step), 1)
+
+    def write(self, *, force: bool = False) -> None:
+        """Write the latest progress (and so the heartbeat); read back the cancel flag."""
+        with self._lock:
+            now = time.monotonic()
+            if not force and now - self._last_write < self._progress_interval_s:
+                return
+            if self.lost_claim:
+                return
+            try:
+                with self._sessions() as session:
+                    cancel = job_service.record_progress(
+                        session,
+                        self._job_id,
+                        phase=self._phase,
+                        step=self._step,
+                        total_steps=self._total,
+                        losses=dict(self._losses),
+                        weights=dict(self._weights),
+                        eta_seconds=self._eta(),
+                    )
+                    session.commit()
+            except StaleAttempt:
+                log.warning("job %s is now owned by another attempt; stopping", self._job_id)
+                self.lost_claim = True
+                return
+            self._last_write = time.monotonic()
+            self.writes += 1
+            if cancel:
+                self.cancel_requested = True
+
+
+@functools.lru_cache(maxsize=4)
+def _sessions_for(database_url: str) -> SessionFactory:
+    from app.db import create_db_engine, create_session_factory
+
+    return create_session_factory(create_db_engine(database_url))
+
+
+def default_session_factory(settings: Settings) -> SessionFactory:
+    """Sessions on the deployment's database: one engine (and pool) per worker process."""
+    return _sessions_for(settings.database_url)
+
+
+def _error_text(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return text[:MAX_ERROR_CHARS]
+
+
+def _execute(ticket: Any, reporter: _JobReporter) -> JobOutput:
+    """Run the engine for a claimed job (imports torch: call only in the job's process)."""
+    from engine.datasets import DatasetSpec
+    from engine.jobs import ModelSpec, Recipe, run_train, run_unlearn
+
+    spec = ModelSpec(
+        arch=ticket.arch,
+        num_classes=int(ticket.num_classes),
+        dataset=DatasetSpec(
+            kind=ticket.dataset_kind,
+            uri=ticket.dataset_uri or "",
+            options=dict(ticket.dataset_options or {}),
+        ),
+        recipe=Recipe.from_dict(dict(ticket.recipe)),
+    )
+    if ticket.kind in ("train", "retrain"):
+        return run_train(
+            spec,
+            exclude_ids=list(ticket.forgotten_ids or []),
+            on_progress=reporter.on_progress,
+            should_cancel=reporter.should_cancel,
+        )
+    return run_unlearn(
+        spec,
+        checkpoint=ticket.base_checkpoint,
+        forget_ids=list(ticket.forget_ids),
+        forgotten_ids=list(ticket.forgotten_ids or []),
+        method=ticket.method,
+        options=dict(ticket.method_options or {}),
+        verify=ticket.verify,
+        seed=ticket.teacher_seed,
+        on_progress=reporter.on_progress,
+        should_cancel=reporter.should_cancel,
+    )
+
+
+def run_job(
+    job_id: Any,
+    *,
+    worker: str,
+    settings: Settings | None = None,
+    sessions: SessionFactory | None = None,
+    store: Any = None,
+    enqueue: Enqueue | None = None,
+) -> JobRun:
+    """Run one job end to end; the body of the `RUN_JOB` task.
+
+    `sessions`, `store` and `enqueue` default to the deployment's (tests pass their own).
+    Returns what happened; errors of the job itself end in the database, not as exceptions.
+    Only a database that cannot be written raises (the message then goes back to the broker
+    or, failing that, to the sweeper).
+    """
+    settings = settings or get_settings()
+    sessions = sessions or default_session_factory(settings)
+    if store is None:
+        store = default_store(settings)
+
+    with sessions() as session:
+        ticket = job_service.claim_job(
+            session, job_id, worker, heartbeat_timeout_s=settings.heartbeat_timeout_s
+        )
+        session.commit()
+    if ticket is None:
+        log.info("job %s not claimed by %s (taken, final or not its turn)", job_id, worker)
+        return JobRun(job_id, "skipped")
+    log.info("job %s (%s, attempt %s) claimed by %s", job_id, ticket.kind, ticket.attempt, worker)
+
+    reporter = _JobReporter(
+        sessions, job_id, heartbeat_interval_s=max(1.0, settings.heartbeat_timeout_s / 4)
+    )
+    try:
+        with reporter:
+            output = _execute(ticket, reporter)
+            if reporter.lost_claim:
+                raise _LostClaim
+            reporter.set_phase("publishing")
+            if reporter.lost_claim:
+                raise _LostClaim
+            with sessions() as session:
+                result = job_service.complete_job(
+                    session,
+                    store,
+                    job_id,
+                    weights=output.weights,
+                    metrics=output.metrics,
+                    reference=output.reference,
+                    gaps=output.gaps,
+                    history=output.history,
+                    method=output.method,
+                    method_config=output.method_config,
+                    teacher_seed=output.teacher_seed,
+                    seconds=output.seconds,
+                    steps=output.steps,
+                    device=output.device,
+                )
+                session.commit()
+    except (_LostClaim, StaleAttempt):
+        log.warning("job %s: attempt by %s lost its claim; left to the new owner", job_id, worker)
+        return JobRun(job_id, "stale")
+    except Cancelled:
+        if reporter.lost_claim:
+            return JobRun(job_id, "stale")
+        with sessions() as session:
+            job_service.mark_cancelled(session, job_id)
+            session.commit()
+        log.info("job %s cancelled", job_id)
+        return JobRun(job_id, "cancelled")
+    except InvalidInput as exc:
+        log.info("job %s refused by the engine: %s", job_id, exc)
+        _fail(sessions, job_id, error=_error_text(exc), code=exc.code)
+        return JobRun(job_id, "failed", exc.code)
+    except Exception as exc:
+        log.exception("job %s failed in the worker", job_id)
+        code = str(getattr(exc, "code", "") or "worker_error")
+        _fail(sessions, job_id, error=_error_text(exc), code=code)
+        return JobRun(job_id, "failed", code)
+
+    fallback = _fallback_ids(result)
+    if fallback and enqueue is not None:
+        for next_id in fallback:
+            enqueue(next_id)
+    outcome = str(getattr(result, "verdict", "") or "")
+    log.info("job %s finished: %s", job_id, outcome or result)
+    published = getattr(result, "published", getattr(result, "publish", None))
+    return JobRun(
+        job_id,
+        "succeeded" if published or outcome == "passed" else "failed",
+        outcome,
+        tuple(fallback),
+    )
+
+
+def _fail(sessions: SessionFactory, job_id: Any, *, error: str, code: str) -> None:
+    try:
+        with sessions() as session:
+            job_service.fail_job(session, job_id, error=error, code=code)
+            session.commit()
+    except StaleAttempt:
+        log.warning("job %s: not failing it, another attempt owns it", job_id)
+
+
+def _fallback_ids(result: Any) -> list[Any]:
+    """The job ids a `CompletionResult` asks the worker to enqueue next."""
+    ids: list[Any] = []
+    for name in ("fallback_job_id", "next_job_id"):
+        value = getattr(result, name, None)
+        if value is not None:
+            ids.append(value)
+    return ids
+
+
+def default_store(settings: Settings) -> Any:
+    """The deployment's model store."""
+    from models_store import ModelStore
+
+    return ModelStore(settings.store_path)
+
+
+@shared_task(
+    name=RUN_JOB,
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    ignore_result=True,
+)
+def run_job_task(self: Any, job_id: Any) -> str:
+    """Celery entry point: run the job whose id the message carries."""
+
+    def enqueue(next_id: Any) -> None:
+        self.app.send_task(RUN_JOB, args=[next_id], queue="gpu")
+
+    hostname = str(self.request.hostname or "worker")
+    return run_job(job_id, worker=hostname, enqueue=enqueue).outcome
