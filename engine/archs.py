@@ -1,0 +1,85 @@
+"""Classifier architectures, each split into a feature extractor `features` and a `head`.
+
+Every model maps an image batch to logits as `head(features(x))`; `features` returns the
+penultimate representation the feature-constraint method pulls toward the random teacher.
+Parameter names and shapes match `engine.arch_shapes` exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+from engine.arch_shapes import ARCHITECTURES, SMALL_CNN_FEATURES, SMALL_CNN_WIDTH
+from engine.errors import UnknownName
+
+
+class Classifier(nn.Module):
+    """An image classifier with an explicit feature extractor and linear head."""
+
+    head: nn.Linear
+
+    def features(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+class SmallCNN(Classifier):
+    """Two conv blocks and a 128-unit layer: the default for 28x28 digits."""
+
+    def __init__(self, num_classes: int, input_shape: tuple[int, int, int]) -> None:
+        super().__init__()
+        c, h, w = input_shape
+        c1, c2 = SMALL_CNN_WIDTH
+        self.conv1 = nn.Conv2d(c, c1, 3, padding=1)
+        self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
+        self.fc = nn.Linear(c2 * (h // 4) * (w // 4), SMALL_CNN_FEATURES)
+        self.head = nn.Linear(SMALL_CNN_FEATURES, num_classes)
+
+    def features(self, x: Tensor) -> Tensor:
+        x = nn.functional.max_pool2d(torch.relu(self.conv1(x)), 2)
+        x = nn.functional.max_pool2d(torch.relu(self.conv2(x)), 2)
+        return torch.relu(self.fc(x.flatten(1)))
+
+
+class ResNet18(Classifier):
+    """torchvision's ResNet-18 adapted to 32x32 inputs: 3x3 stem, no max-pool."""
+
+    def __init__(self, num_classes: int, input_shape: tuple[int, int, int]) -> None:
+        super().__init__()
+        body = torchvision.models.resnet18(weights=None)
+        body.conv1 = nn.Conv2d(input_shape[0], 64, 3, stride=1, padding=1, bias=False)
+        body.maxpool = nn.Identity()  # type: ignore[assignment]
+        body.fc = nn.Identity()  # type: ignore[assignment]
+        self.body = body
+        self.head = nn.Linear(512, num_classes)
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.body(x)  # type: ignore[no-any-return]
+
+
+_REGISTRY: dict[str, Callable[[int, tuple[int, int, int]], Classifier]] = {
+    "small_cnn": SmallCNN,
+    "resnet18": ResNet18,
+}
+assert set(_REGISTRY) == set(ARCHITECTURES)
+
+
+def build_model(
+    arch: str, num_classes: int, input_shape: tuple[int, int, int], *, seed: int | None = None
+) -> Classifier:
+    """A freshly initialised model; with `seed`, the initialisation is reproducible."""
+    try:
+        factory = _REGISTRY[arch]
+    except KeyError:
+        raise UnknownName("architecture", arch, _REGISTRY) from None
+    if seed is None:
+        return factory(num_classes, input_shape)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return factory(num_classes, input_shape)

@@ -1,0 +1,134 @@
+"""The one interface every unlearning method implements.
+
+A method is a class with a `Config` dataclass (its hyperparameters, with defaults) and a
+`run(ctx) -> MethodOutput`. Adding a method is one module and one line in the registry
+(`engine.methods.METHODS`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import Tensor, nn
+
+from engine.archs import Classifier, build_model
+from engine.errors import InvalidInput
+from engine.runtime import DeviceData, Progress, Reporter
+from engine.training import Recipe
+
+IndexArray = npt.NDArray[np.int64]
+
+
+@dataclass
+class UnlearnContext:
+    """What a method may use. `retain_idx` already excludes every sample ever forgotten.
+
+    `heldout_idx` are samples never trained on (the dataset's test split); methods may only
+    read the model's outputs on them (as the reference for "not a member"), never train on
+    them.
+    """
+
+    arch: str
+    num_classes: int
+    data: DeviceData
+    original: Classifier
+    forget_idx: IndexArray
+    retain_idx: IndexArray
+    heldout_idx: IndexArray
+    recipe: Recipe
+    teacher_seed: int
+    seed: int
+    reporter: Reporter = field(default_factory=lambda: Reporter(None, None))
+    _teacher: Classifier | None = field(default=None, repr=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def student(self) -> Classifier:
+        """A trainable copy of the original model."""
+        model = copy.deepcopy(self.original)
+        model.train()
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+
+    def teacher(self) -> Classifier:
+        """The frozen random-initialised teacher (same architecture, `teacher_seed`)."""
+        if self._teacher is None:
+            t = build_model(self.arch, self.num_classes, self.data.dataset.input_shape,
+                            seed=self.teacher_seed).to(self.device)
+            t.eval()
+            for p in t.parameters():
+                p.requires_grad_(False)
+            self._teacher = t
+        return self._teacher
+
+    def generator(self, salt: int = 0) -> np.random.Generator:
+        return np.random.default_rng([self.seed, salt])
+
+    def step(self, phase: str, step: int, total: int, losses: dict[str, float],
+             weights: dict[str, float] | None = None) -> None:
+        self.reporter.step(Progress(phase, step, total, losses, weights or {}))
+
+
+@dataclass
+class MethodOutput:
+    model: Classifier
+    steps: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Method(ABC):
+    """Base class: subclasses set `name`, define `Config`, implement `run`."""
+
+    name: ClassVar[str]
+
+    @dataclass(frozen=True)
+    class Config:
+        pass
+
+    def __init__(self, **options: Any) -> None:
+        fields = {f.name for f in dataclasses.fields(self.Config)}
+        unknown = sorted(set(options) - fields)
+        if unknown:
+            raise InvalidInput(
+                f"unknown options for {self.name}: {unknown}; known: {sorted(fields)}"
+            )
+        try:
+            self.config = self.Config(**options)
+        except (TypeError, ValueError) as exc:
+            raise InvalidInput(f"invalid options for {self.name}: {exc}") from exc
+
+    def config_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.config)
+
+    @abstractmethod
+    def run(self, ctx: UnlearnContext) -> MethodOutput:
+        """Return a model that has forgotten `ctx.forget_idx`."""
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def kl_to(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """KL(teacher || student) on temperature-softened distributions, batch mean."""
+    t = temperature
+    return nn.functional.kl_div(
+        nn.functional.log_softmax(student_logits / t, dim=1),
+        nn.functional.log_softmax(teacher_logits / t, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    ) * (t * t)
