@@ -32,9 +32,7 @@ QUEUE = "gpu"
 
 def build_worker_app(settings: Settings) -> Celery:
     """The Celery app with Lethe's task registered and worker options fixed for GPU jobs."""
-    import worker.tasks  # noqa: F401  (registers RUN_JOB on every app created)
-
-    app = create_celery(settings)
+    app = create_celery(settings, include=["worker.tasks"])
     app.conf.update(
         worker_prefetch_multiplier=1,
         task_acks_late=True,

@@ -374,9 +374,9 @@ def _fallback_ids(result: Any) -> list[Any]:
 
 def default_store(settings: Settings) -> Any:
     """The deployment's model store."""
-    from models_store import ModelStore
+    from models_store import Store
 
-    return ModelStore(settings.store_path)
+    return Store(settings.store_path)
 
 
 @shared_task(

@@ -1,0 +1,125 @@
+"""Issue 3's end-to-end flow against real processes, once embedded and once on PostgreSQL + Redis.
+
+`lethe serve --no-bootstrap` starts uvicorn and a real Celery worker; everything below goes
+over HTTP on loopback: register a dataset, train a tiny model (v1), POST a deletion request
+for 10 IDs, follow it to `succeeded`, check the new version's lineage, download it (sha256 =
+ETag), load it with the engine's checkpoint loader, recompute its accuracy on the forgotten
+IDs, and re-verify the audit chain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from e2e_harness import Service, start_service
+
+from app.client import LetheClient
+from engine.checkpoint import load_model
+from engine.datasets import DatasetSpec, load_dataset
+
+RECIPE = {"optimizer": "sgd", "lr": 0.05, "epochs": 3, "batch_size": 32, "seed": 0}
+JOB_TIMEOUT_S = 240.0
+
+
+def _accuracy_on(path: Path, dataset: Path, ids: list[str], num_classes: int) -> float:
+    """Top-1 accuracy of the checkpoint at `path` on the samples `ids`, computed here."""
+    data = load_dataset(DatasetSpec(kind="npz", uri=str(dataset)), "tiny")
+    model = load_model("small_cnn", num_classes, data.input_shape, path)
+    idx = data.indices_of(ids)
+    x = torch.from_numpy(data.images[idx]).float().div_(255.0)
+    with torch.no_grad():
+        predicted = model(x).argmax(dim=1).numpy()
+    return float(np.mean(predicted == data.labels[idx]))
+
+
+def _run_flow(service: Service, dataset: Path, tmp_path: Path) -> None:
+    client: LetheClient = service.client
+    client.register_dataset("tiny", "npz", str(dataset), {})
+    info = client.get_dataset("tiny")
+    assert info["num_samples"] == 160
+    created = client.register_model(
+        "tiny-cnn", dataset="tiny", architecture="small_cnn", num_classes=4, recipe=RECIPE
+    )
+    train_job = created.get("job_id") or created["job"]["id"]
+    job = client.wait_for_job(train_job, timeout=JOB_TIMEOUT_S)
+    assert job["status"] == "succeeded", (job, service.logs())
+    v1 = client.get_version("tiny-cnn", "latest")
+    assert v1["version"] == 1 and v1["parent"] is None
+
+    train_ids = [r["sample_id"] for r in client.list_samples("tiny", split="train", limit=200)]
+    forget = train_ids[:10]
+    request = client.create_deletion_request(
+        "tiny-cnn", forget, subject_ref="dsr-e2e-1", reason="e2e", idempotency_key="e2e-1"
+    )
+    assert request["status"] in {"accepted", "queued", "running"}
+    final = client.wait_for_request(request["id"], timeout=JOB_TIMEOUT_S)
+    assert final["status"] == "succeeded", (final, service.logs())
+    job = client.get_job(final["job_id"])
+    assert job["status"] == "succeeded" and job["kind"] == "unlearn"
+    assert request["id"] in job["request_ids"]
+    assert job["base_version"] == 1 and job["result_version"] == final["result_version"] == 2
+
+    v2 = client.get_version("tiny-cnn", 2)
+    assert v2["parent"] == 1
+    assert v2["forgotten_count"] == 10
+    assert client.get_model("tiny-cnn")["latest_version"] == 2
+
+    got = client.download_checkpoint("tiny-cnn", 2, tmp_path / "v2.safetensors")
+    body = Path(got["path"]).read_bytes()
+    assert hashlib.sha256(body).hexdigest() == got["etag"] == v2["sha256"]
+    assert len(body) == v2["size_bytes"]
+
+    acc = _accuracy_on(Path(got["path"]), dataset, forget, num_classes=4)
+    assert acc == pytest.approx(float(job["metrics"]["acc_forget"]), abs=1e-9)
+
+    check = client.verify_audit()
+    assert check["ok"] is True and check["first_bad_seq"] is None
+    events = client.list_audit(limit=1000)
+    assert check["checked"] == len(events)
+    actions = [e["action"] for e in events]
+    for needed in (
+        "dataset.registered",
+        "model.registered",
+        "request.accepted",
+        "job.queued",
+        "job.started",
+        "job.succeeded",
+        "model.version.published",
+        "checkpoint.downloaded",
+    ):
+        assert needed in actions, (needed, actions)
+    mine = client.list_audit(request_id=request["id"])
+    assert {"request.accepted"} <= {e["action"] for e in mine}
+    seqs = [e["seq"] for e in events]
+    assert seqs == sorted(seqs)
+    for prev, cur in zip(events, events[1:], strict=False):
+        assert cur["prev_hash"] == prev["hash"]
+
+
+def _stop_cleanly(service: Service) -> None:
+    assert service.stop() == 0, service.logs()
+
+
+def test_deletion_flow_embedded(tiny_npz: Path, tmp_path: Path) -> None:
+    """SQLite database, SQL broker, one worker: the whole flow over HTTP."""
+    service = start_service({}, tmp_path / "var")
+    try:
+        _run_flow(service, tiny_npz, tmp_path)
+    finally:
+        _stop_cleanly(service)
+
+
+def test_deletion_flow_postgres_redis(
+    tiny_npz: Path, tmp_path: Path, postgres_redis_env: dict[str, str]
+) -> None:
+    """A fresh PostgreSQL database and Redis: the same flow, the same code path."""
+    service = start_service(postgres_redis_env, tmp_path / "var")
+    try:
+        _run_flow(service, tiny_npz, tmp_path)
+    finally:
+        _stop_cleanly(service)
+
