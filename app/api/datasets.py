@@ -1,0 +1,68 @@
+"""`/v1/datasets`: register (admin), read, list, list samples."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Path, Query
+from fastapi.responses import JSONResponse
+
+from app.api.deps import PagingDep, SessionDep, require
+from app.api.schemas import (
+    PROBLEM_RESPONSES,
+    DatasetCreate,
+    DatasetList,
+    DatasetPublic,
+    SampleList,
+)
+from app.services import datasets
+from app.services.apikeys import Principal
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+NamePath = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")]
+
+
+@router.post("", status_code=201, response_model=DatasetPublic, responses=PROBLEM_RESPONSES)
+def create_dataset(
+    body: DatasetCreate,
+    session: SessionDep,
+    principal: Annotated[Principal, Depends(require("admin"))],
+) -> Any:
+    """Register a dataset and index its samples."""
+    created = datasets.register_dataset(session, actor=principal.name, **body.model_dump())
+    return JSONResponse(
+        created, status_code=201, headers={"Location": f"/v1/datasets/{created['name']}"}
+    )
+
+
+@router.get("", response_model=DatasetList, responses=PROBLEM_RESPONSES)
+def list_datasets(
+    session: SessionDep, paging: PagingDep, _: Annotated[Principal, Depends(require("models:read"))]
+) -> Any:
+    """Datasets by name."""
+    page = datasets.list_datasets(session, limit=paging.limit, cursor=paging.cursor)
+    return {"items": page.items, "next_cursor": page.next_cursor}
+
+
+@router.get("/{name}", response_model=DatasetPublic, responses=PROBLEM_RESPONSES)
+def get_dataset(
+    name: NamePath, session: SessionDep, _: Annotated[Principal, Depends(require("models:read"))]
+) -> Any:
+    """One dataset with its sizes."""
+    return datasets.get_dataset(session, name)
+
+
+@router.get("/{name}/samples", response_model=SampleList, responses=PROBLEM_RESPONSES)
+def list_samples(
+    name: NamePath,
+    session: SessionDep,
+    paging: PagingDep,
+    _: Annotated[Principal, Depends(require("models:read"))],
+    split: Literal["train", "test"] | None = None,
+    label: Annotated[int | None, Query(ge=0, le=2**31 - 1)] = None,
+) -> Any:
+    """A dataset's samples (`sample_id, split, label`)."""
+    page = datasets.list_samples(
+        session, name, split=split, label=label, limit=paging.limit, cursor=paging.cursor
+    )
+    return {"items": page.items, "next_cursor": page.next_cursor}

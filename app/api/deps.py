@@ -1,0 +1,74 @@
+"""Request dependencies: database sessions, Bearer authentication with scopes, paging."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Annotated
+
+from fastapi import Depends, Query, Request
+from sqlalchemy.orm import Session
+
+from app.errors import Forbidden, Unauthorized
+from app.services.apikeys import Principal, authenticate
+from app.settings import Settings
+from models_store import Store
+
+
+def get_settings_dep(request: Request) -> Settings:
+    """The app's settings."""
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    """A session for one request, closed afterwards."""
+    with request.app.state.sessions() as session:
+        yield session
+
+
+def get_store(request: Request) -> Store:
+    """The app's model store."""
+    store: Store = request.app.state.store
+    return store
+
+
+def require(scope: str) -> Callable[..., Principal]:
+    """A dependency admitting callers whose key holds `scope` (or `admin`)."""
+
+    def dependency(
+        request: Request, session: Annotated[Session, Depends(get_session)]
+    ) -> Principal:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized("send 'Authorization: Bearer <api key>'")
+        principal = authenticate(session, token.strip())
+        if principal is None:
+            raise Unauthorized("the API key is unknown or revoked")
+        if not principal.allows(scope):
+            raise Forbidden(f"this endpoint needs the {scope!r} scope", required_scope=scope)
+        request.state.principal = principal
+        return principal
+
+    dependency.__name__ = f"require_{scope.replace(':', '_')}"
+    return dependency
+
+
+class Paging:
+    """`?limit=&cursor=` with the deployment's bounds."""
+
+    def __init__(
+        self,
+        request: Request,
+        limit: Annotated[int | None, Query(ge=1, le=1000)] = None,
+        cursor: Annotated[str | None, Query(max_length=500)] = None,
+    ) -> None:
+        settings: Settings = request.app.state.settings
+        self.limit = min(limit or settings.page_limit_default, settings.page_limit_max)
+        self.cursor = cursor
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+StoreDep = Annotated[Store, Depends(get_store)]
+PagingDep = Annotated[Paging, Depends(Paging)]

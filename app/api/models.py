@@ -1,0 +1,301 @@
+"""`/v1/models`: register (JSON train job or multipart upload), read, versions, download."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Path, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+
+from app.api.deps import PagingDep, SessionDep, StoreDep, require
+from app.api.schemas import (
+    PROBLEM_RESPONSES,
+    ModelCreate,
+    ModelList,
+    ModelPublic,
+    VersionList,
+    VersionPublic,
+)
+from app.errors import (
+    BadRequest,
+    InvalidInput,
+    PayloadTooLarge,
+    RangeNotSatisfiable,
+    ValidationFailed,
+)
+from app.services import models
+from app.services.apikeys import Principal
+from app.settings import Settings
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+NamePath = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")]
+VersionPath = Annotated[str, Path(pattern=r"^(latest|[0-9]{1,9})$")]
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+_UPLOAD_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/ModelCreate"}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["metadata", "checkpoint"],
+                    "properties": {
+                        "metadata": {
+                            "type": "string",
+                            "description": "ModelCreate as JSON (init omitted or 'upload')",
+                        },
+                        "checkpoint": {"type": "string", "format": "binary"},
+                    },
+                }
+            },
+        },
+    }
+}
+
+
+def _parse_spec(raw: Any) -> ModelCreate:
+    try:
+        return ModelCreate.model_validate(raw)
+    except ValidationError as exc:
+        raise ValidationFailed(
+            [{"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        ) from None
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=ModelPublic,
+    responses={**PROBLEM_RESPONSES, 202: {"model": ModelPublic, "description": "Train job queued"}},
+    openapi_extra=_UPLOAD_SCHEMA,
+)
+async def create_model(
+    request: Request,
+    store: StoreDep,
+    principal: Annotated[Principal, Depends(require("models:write"))],
+) -> Any:
+    """Register a model: JSON with `init: "train"` (202, a train job) or a multipart upload of
+    a safetensors checkpoint with `metadata` (201, version 1)."""
+    settings: Settings = request.app.state.settings
+    ctype = request.headers.get("content-type", "")
+    sessions = request.app.state.sessions
+    if ctype.startswith("application/json"):
+        try:
+            raw = json.loads(await request.body())
+        except ValueError:
+            raise BadRequest("the body is not valid JSON") from None
+        spec = _parse_spec(raw)
+        if spec.init != "train":
+            raise InvalidInput(
+                'JSON registration needs init: "train"; upload a checkpoint as multipart',
+                field="init",
+            )
+
+        def train() -> models.Registered:
+            with sessions() as session:
+                return models.register_model_train(
+                    session,
+                    principal=principal,
+                    name=spec.name,
+                    dataset=spec.dataset,
+                    architecture=spec.architecture,
+                    num_classes=spec.num_classes,
+                    recipe=spec.recipe.model_dump(),
+                    policy=spec.policy,
+                )
+
+        reg = await run_in_threadpool(train)
+        if reg.enqueue_job_id:
+            await run_in_threadpool(request.app.state.dispatcher.enqueue, reg.enqueue_job_id)
+        return JSONResponse(
+            reg.body, status_code=202, headers={"Location": f"/v1/jobs/{reg.enqueue_job_id}"}
+        )
+    if not ctype.startswith("multipart/form-data"):
+        raise InvalidInput("send application/json or multipart/form-data", field="content-type")
+    try:
+        form = await request.form(max_files=1, max_fields=20)
+    except Exception as exc:
+        raise BadRequest(f"unreadable multipart body: {exc}") from None
+    try:
+        meta_raw = form.get("metadata")
+        if isinstance(meta_raw, str):
+            try:
+                meta = json.loads(meta_raw)
+            except ValueError:
+                raise InvalidInput("metadata is not valid JSON", field="metadata") from None
+        else:
+            meta = {k: v for k, v in form.items() if isinstance(v, str)}
+            if isinstance(meta.get("recipe"), str):
+                try:
+                    meta["recipe"] = json.loads(meta["recipe"])
+                except ValueError:
+                    raise InvalidInput("recipe is not valid JSON", field="recipe") from None
+        spec = _parse_spec(meta)
+        upload = form.get("checkpoint")
+        if upload is None or isinstance(upload, str):
+            raise InvalidInput("a 'checkpoint' file part is required", field="checkpoint")
+        if upload.size is not None and upload.size > settings.max_checkpoint_bytes:
+            raise PayloadTooLarge(
+                f"checkpoints are limited to {settings.max_checkpoint_bytes} bytes"
+            )
+
+        def register() -> models.Registered:
+            with sessions() as session:
+                return models.register_model_upload(
+                    session,
+                    store,
+                    principal=principal,
+                    name=spec.name,
+                    dataset=spec.dataset,
+                    architecture=spec.architecture,
+                    num_classes=spec.num_classes,
+                    recipe=spec.recipe.model_dump(),
+                    policy=spec.policy,
+                    checkpoint=upload.file,
+                    max_bytes=settings.max_checkpoint_bytes,
+                )
+
+        reg = await run_in_threadpool(register)
+    finally:
+        await form.close()
+    return JSONResponse(reg.body, status_code=201, headers={"Location": f"/v1/models/{spec.name}"})
+
+
+@router.get("", response_model=ModelList, responses=PROBLEM_RESPONSES)
+def list_models(
+    session: SessionDep, paging: PagingDep, _: Annotated[Principal, Depends(require("models:read"))]
+) -> Any:
+    """Models by name."""
+    page = models.list_models(session, limit=paging.limit, cursor=paging.cursor)
+    return {"items": page.items, "next_cursor": page.next_cursor}
+
+
+@router.get("/{name}", response_model=ModelPublic, responses=PROBLEM_RESPONSES)
+def get_model(
+    name: NamePath, session: SessionDep, _: Annotated[Principal, Depends(require("models:read"))]
+) -> Any:
+    """One model: latest version, forgotten count, pending requests, policy."""
+    return models.get_model(session, name)
+
+
+@router.get("/{name}/versions", response_model=VersionList, responses=PROBLEM_RESPONSES)
+def list_versions(
+    name: NamePath,
+    session: SessionDep,
+    paging: PagingDep,
+    _: Annotated[Principal, Depends(require("models:read"))],
+) -> Any:
+    """A model's versions, newest first."""
+    page = models.list_versions(session, name, limit=paging.limit, cursor=paging.cursor)
+    return {"items": page.items, "next_cursor": page.next_cursor}
+
+
+@router.get("/{name}/versions/{n}", response_model=VersionPublic, responses=PROBLEM_RESPONSES)
+def get_version(
+    name: NamePath,
+    n: VersionPath,
+    session: SessionDep,
+    _: Annotated[Principal, Depends(require("models:read"))],
+) -> Any:
+    """One version (`n` may be `latest`)."""
+    return models.get_version(session, name, n)
+
+
+@router.get("/{name}/versions/{n}/manifest", responses=PROBLEM_RESPONSES)
+def get_manifest(
+    name: NamePath,
+    n: VersionPath,
+    session: SessionDep,
+    store: StoreDep,
+    _: Annotated[Principal, Depends(require("models:read"))],
+) -> Any:
+    """The version's JSON manifest."""
+    return models.get_manifest(session, store, name, n)
+
+
+def _parse_range(header: str, size: int) -> tuple[int, int] | None:
+    """(start, end) inclusive for one satisfiable byte range; None to serve the whole file."""
+    m = _RANGE.match(header.strip())
+    if not m:
+        return None  # multiple or malformed ranges: RFC 9110 lets us ignore Range
+    first, last = m.groups()
+    if not first and not last:
+        return None
+    if not first:
+        length = int(last)
+        if length == 0:
+            raise RangeNotSatisfiable("empty suffix range", size=size)
+        return max(0, size - length), size - 1
+    start = int(first)
+    end = int(last) if last else size - 1
+    if start >= size or end < start:
+        raise RangeNotSatisfiable(f"range {header!r} is outside 0..{size - 1}", size=size)
+    return start, min(end, size - 1)
+
+
+@router.get(
+    "/{name}/versions/{n}/checkpoint",
+    responses={
+        **PROBLEM_RESPONSES,
+        200: {"content": {"application/octet-stream": {}}},
+        206: {"content": {"application/octet-stream": {}}},
+        304: {"description": "Not modified"},
+        416: {"description": "Range not satisfiable"},
+    },
+    response_class=StreamingResponse,
+)
+def download_checkpoint(
+    name: NamePath,
+    n: VersionPath,
+    request: Request,
+    session: SessionDep,
+    store: StoreDep,
+    principal: Annotated[Principal, Depends(require("models:download"))],
+) -> Response:
+    """The safetensors file, streamed; strong ETag = sha256; Range and If-Range honoured."""
+    ck = models.checkpoint_file(session, store, name, n)
+    etag = f'"{ck.sha256}"'
+    base = {
+        "ETag": etag,
+        "Accept-Ranges": "bytes",
+        "Content-Disposition": f'attachment; filename="{ck.filename}"',
+        "Cache-Control": "private, max-age=31536000, immutable",
+    }
+    inm = request.headers.get("if-none-match")
+    if inm and (inm.strip() == "*" or etag in [t.strip() for t in inm.split(",")]):
+        return Response(status_code=304, headers=base)
+    byte_range: tuple[int, int] | None = None
+    range_header = request.headers.get("range")
+    if_range = request.headers.get("if-range")
+    if range_header and (if_range is None or if_range.strip() == etag):
+        try:
+            byte_range = _parse_range(range_header, ck.size_bytes)
+        except RangeNotSatisfiable:
+            models.record_download(session, ck, actor=principal.name, byte_range="unsatisfiable")
+            return Response(
+                status_code=416, headers={**base, "Content-Range": f"bytes */{ck.size_bytes}"}
+            )
+    start, end = byte_range or (0, ck.size_bytes - 1)
+    models.record_download(
+        session,
+        ck,
+        actor=principal.name,
+        byte_range=f"{start}-{end}" if byte_range else None,
+    )
+    headers = {**base, "Content-Length": str(end - start + 1)}
+    status = 200
+    if byte_range:
+        status = 206
+        headers["Content-Range"] = f"bytes {start}-{end}/{ck.size_bytes}"
+    return StreamingResponse(
+        store.iter_range(ck.path, start, end),
+        status_code=status,
+        media_type="application/octet-stream",
+        headers=headers,
+    )

@@ -1,0 +1,257 @@
+"""The service's error tree and its translation to RFC 9457 problem+json.
+
+    LetheError                          500 internal_error
+    ├── InvalidInput                    422 invalid_input
+    │   ├── ValidationFailed            422 validation_error      (every offending field)
+    │   ├── UnknownSampleIds            422 unknown_sample_ids     (sample_ids, count)
+    │   ├── TestSplitSamples            422 test_split_samples     (sample_ids, count)
+    │   ├── DuplicateSampleIds          422 duplicate_sample_ids   (sample_ids, count)
+    │   ├── InvalidCheckpoint           422 invalid_checkpoint
+    │   └── IdempotencyKeyMismatch      422 idempotency_key_mismatch
+    ├── BadRequest                      400 bad_request
+    ├── Unauthorized                    401 unauthorized
+    ├── Forbidden                       403 forbidden
+    ├── NotFound                        404 not_found
+    │   ├── ModelNotFound               404 model_not_found
+    │   ├── DatasetNotFound             404 dataset_not_found
+    │   ├── VersionNotFound             404 version_not_found
+    │   ├── RequestNotFound             404 request_not_found
+    │   └── JobNotFound                 404 job_not_found
+    ├── Conflict                        409 conflict
+    │   ├── AlreadyExists               409 already_exists
+    │   ├── NotCancellable              409 not_cancellable
+    │   ├── IdempotencyInFlight         409 idempotency_in_flight
+    │   └── StaleAttempt                409 stale_attempt          (a worker lost its claim)
+    ├── PreconditionFailed              412 precondition_failed
+    ├── PayloadTooLarge                 413 payload_too_large
+    ├── RangeNotSatisfiable             416 range_not_satisfiable
+    └── Unavailable                     503 unavailable
+
+`engine.errors.InvalidInput` subclasses map onto the same codes (`to_lethe_error`), so an
+engine refusal reaches the client as the same problem document as a service refusal. One
+handler on the base class renders every error; unexpected exceptions become a bare 500.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from engine import errors as engine_errors
+
+log = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+_TYPE_BASE = "https://lethe.dev/problems/"
+
+
+class LetheError(Exception):
+    """Base of every error the service raises on purpose; carries an HTTP status and a code."""
+
+    status: int = 500
+    code: str = "internal_error"
+    title: str = "Internal server error"
+
+    def __init__(self, detail: str | None = None, **extras: Any) -> None:
+        self.detail = detail or self.title
+        self.extras = extras
+        super().__init__(self.detail)
+
+    def problem(self, instance: str | None = None) -> dict[str, Any]:
+        """The RFC 9457 problem document for this error."""
+        body: dict[str, Any] = {
+            "type": _TYPE_BASE + self.code.replace("_", "-"),
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+            "code": self.code,
+        }
+        if instance:
+            body["instance"] = instance
+        body.update(self.extras)
+        return body
+
+
+class InvalidInput(LetheError):
+    status, code, title = 422, "invalid_input", "Invalid input"
+
+
+class ValidationFailed(InvalidInput):
+    code, title = "validation_error", "Request validation failed"
+
+    def __init__(self, errors: Sequence[dict[str, Any]]) -> None:
+        fields = ", ".join(".".join(str(p) for p in e.get("loc", ())) for e in errors)
+        super().__init__(f"invalid fields: {fields}" if fields else None, errors=list(errors))
+
+
+class _SampleIdProblem(InvalidInput):
+    noun = "sample IDs"
+
+    def __init__(self, ids: Sequence[str], *, count: int | None = None, limit: int = 100) -> None:
+        shown = sorted(ids)[:limit]
+        total = len(ids) if count is None else count
+        super().__init__(f"{total} {self.noun}", sample_ids=shown, count=total)
+
+
+class UnknownSampleIds(_SampleIdProblem):
+    code, title, noun = "unknown_sample_ids", "Unknown sample IDs", "sample IDs not in the dataset"
+
+
+class TestSplitSamples(_SampleIdProblem):
+    code, title = "test_split_samples", "Test-split samples cannot be forgotten"
+    noun = "sample IDs of the held-out test split, which was never trained on"
+
+
+class DuplicateSampleIds(_SampleIdProblem):
+    code, title, noun = "duplicate_sample_ids", "Duplicate sample IDs", "sample IDs given twice"
+
+
+class InvalidCheckpoint(InvalidInput):
+    code, title = "invalid_checkpoint", "Invalid checkpoint"
+
+
+class IdempotencyKeyMismatch(InvalidInput):
+    code, title = "idempotency_key_mismatch", "Idempotency key reused with a different body"
+
+
+class BadRequest(LetheError):
+    status, code, title = 400, "bad_request", "Bad request"
+
+
+class Unauthorized(LetheError):
+    status, code, title = 401, "unauthorized", "Missing or invalid API key"
+
+
+class Forbidden(LetheError):
+    status, code, title = 403, "forbidden", "The API key lacks the required scope"
+
+
+class NotFound(LetheError):
+    status, code, title = 404, "not_found", "Not found"
+
+
+class ModelNotFound(NotFound):
+    code, title = "model_not_found", "Model not found"
+
+
+class DatasetNotFound(NotFound):
+    code, title = "dataset_not_found", "Dataset not found"
+
+
+class VersionNotFound(NotFound):
+    code, title = "version_not_found", "Model version not found"
+
+
+class RequestNotFound(NotFound):
+    code, title = "request_not_found", "Deletion request not found"
+
+
+class JobNotFound(NotFound):
+    code, title = "job_not_found", "Job not found"
+
+
+class Conflict(LetheError):
+    status, code, title = 409, "conflict", "Conflict"
+
+
+class AlreadyExists(Conflict):
+    code, title = "already_exists", "Already exists"
+
+
+class NotCancellable(Conflict):
+    code, title = "not_cancellable", "Not cancellable in its current status"
+
+
+class IdempotencyInFlight(Conflict):
+    code, title = "idempotency_in_flight", "A request with this idempotency key is in progress"
+
+
+class StaleAttempt(Conflict):
+    code, title = "stale_attempt", "The job was claimed again by another attempt"
+
+
+class PreconditionFailed(LetheError):
+    status, code, title = 412, "precondition_failed", "Precondition failed"
+
+
+class PayloadTooLarge(LetheError):
+    status, code, title = 413, "payload_too_large", "Payload too large"
+
+
+class RangeNotSatisfiable(LetheError):
+    status, code, title = 416, "range_not_satisfiable", "Range not satisfiable"
+
+
+class Unavailable(LetheError):
+    status, code, title = 503, "unavailable", "Service unavailable"
+
+
+def to_lethe_error(exc: engine_errors.EngineError) -> LetheError:
+    """Translate an engine refusal into the service error with the same code."""
+    if isinstance(exc, engine_errors.UnknownSampleIds):
+        return UnknownSampleIds(exc.ids)
+    if isinstance(exc, engine_errors.TestSplitSamples):
+        return TestSplitSamples(exc.ids)
+    if isinstance(exc, engine_errors.InvalidCheckpoint):
+        return InvalidCheckpoint(str(exc))
+    if isinstance(exc, engine_errors.UnknownName):
+        err = InvalidInput(str(exc), known=exc.known)
+        err.code = "unknown_name"
+        return err
+    if isinstance(exc, engine_errors.InvalidInput):
+        return InvalidInput(str(exc))
+    return LetheError("engine error")
+
+
+def install_handlers(app: Any) -> None:
+    """Register the problem+json handlers on a FastAPI app."""
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    def render(request: Request, err: LetheError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+        return JSONResponse(
+            err.problem(instance=request.url.path),
+            status_code=err.status,
+            media_type=PROBLEM_JSON,
+            headers=headers,
+        )
+
+    async def on_lethe(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, LetheError)
+        if exc.status >= 500:
+            log.error("request failed: %s %s: %s", request.method, request.url.path, exc.detail)
+        return render(request, exc)
+
+    async def on_engine(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, engine_errors.EngineError)
+        return render(request, to_lethe_error(exc))
+
+    async def on_validation(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": e.get("type")}
+            for e in exc.errors()
+        ]
+        return render(request, ValidationFailed(errors))
+
+    async def on_http(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        err = LetheError(str(exc.detail))
+        err.status = exc.status_code
+        err.title = str(exc.detail)
+        err.code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return render(request, err)
+
+    async def on_unhandled(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return render(request, LetheError())
+
+    app.add_exception_handler(LetheError, on_lethe)
+    app.add_exception_handler(engine_errors.EngineError, on_engine)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(Exception, on_unhandled)

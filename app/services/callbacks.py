@@ -1,0 +1,207 @@
+"""Signed webhooks for finished deletion requests: an outbox table plus a delivery loop.
+
+When a request reaches a final status and named a `callback_url`, the same transaction adds a
+row to `callback_deliveries`. `deliver_due` (run periodically in the API process) leases due
+rows, POSTs the request resource signed per API.md (`webhook-id`, `webhook-timestamp`,
+`webhook-signature: v1,<base64 HMAC-SHA256("id.timestamp.body")>` with the API key's webhook
+secret), records every attempt as an audit event and reschedules failures with exponential
+backoff until 24 hours after the request finished.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import hmac
+import ipaddress
+import logging
+from datetime import timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.db.models import CallbackDelivery, DeletionRequest
+from app.db.types import utcnow
+from app.errors import InvalidInput
+from app.services.apikeys import webhook_secret
+from app.services.audit import append_event
+from app.services.common import canonical_json, new_id
+from app.services.views import request_public
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+FINAL = ("succeeded", "failed", "cancelled")
+BASE_BACKOFF_S = 5.0
+MAX_BACKOFF_S = 3600.0
+LEASE_S = 60.0
+
+
+def check_callback_url(url: str, settings: Settings) -> str:
+    """https anywhere; plain http only to a loopback host in development."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidInput("callback_url must be an absolute http(s) URL", field="callback_url")
+    if parts.scheme == "http":
+        host = parts.hostname
+        loopback = host == "localhost"
+        with contextlib.suppress(ValueError):
+            loopback = loopback or ipaddress.ip_address(host).is_loopback
+        if settings.environment != "development" or not loopback:
+            raise InvalidInput(
+                "callback_url must use https (http only to loopback in development)",
+                field="callback_url",
+            )
+    return url
+
+
+def sign(secret: bytes, msg_id: str, timestamp: int, body: str) -> str:
+    """The `webhook-signature` header value for one delivery."""
+    mac = hmac.new(secret, f"{msg_id}.{timestamp}.{body}".encode(), hashlib.sha256).digest()
+    return "v1," + base64.b64encode(mac).decode()
+
+
+def enqueue_callback(session: Session, req: DeletionRequest, model_name: str) -> None:
+    """Queue the final-status webhook of `req` in the caller's transaction (if it has a URL)."""
+    if not req.callback_url or req.status not in FINAL:
+        return
+    now = utcnow()
+    session.add(
+        CallbackDelivery(
+            id=new_id("msg"),
+            request_id=req.id,
+            api_key_id=req.api_key_id,
+            url=req.callback_url,
+            payload=canonical_json(request_public(req, model_name)),
+            status="pending",
+            attempts=0,
+            next_attempt_at=now,
+            created_at=now,
+        )
+    )
+
+
+def backoff_s(attempts: int) -> float:
+    """Seconds to wait after the `attempts`-th failure."""
+    return float(min(MAX_BACKOFF_S, BASE_BACKOFF_S * 2 ** max(0, attempts - 1)))
+
+
+def deliver_due(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    client: httpx.Client,
+    *,
+    limit: int = 20,
+) -> int:
+    """Attempt every due delivery once; returns how many were attempted."""
+    now = utcnow()
+    with sessions() as session:
+        due = list(
+            session.scalars(
+                select(CallbackDelivery.id)
+                .where(CallbackDelivery.status == "pending")
+                .where(CallbackDelivery.next_attempt_at <= now)
+                .order_by(CallbackDelivery.next_attempt_at)
+                .limit(limit)
+            )
+        )
+        session.rollback()
+    attempted = 0
+    for delivery_id in due:
+        with sessions() as session:
+            leased = session.execute(
+                update(CallbackDelivery)
+                .where(CallbackDelivery.id == delivery_id)
+                .where(CallbackDelivery.status == "pending")
+                .where(
+                    (CallbackDelivery.lease_until.is_(None))
+                    | (CallbackDelivery.lease_until < utcnow())
+                )
+                .values(lease_until=utcnow() + timedelta(seconds=LEASE_S))
+            )
+            session.commit()
+            if leased.rowcount != 1:  # type: ignore[attr-defined]
+                continue
+            row = session.get(CallbackDelivery, delivery_id)
+            assert row is not None
+            url, payload, key_id = row.url, row.payload, row.api_key_id
+            session.rollback()
+        attempted += 1
+        ts = int(utcnow().timestamp())
+        secret = webhook_secret(settings, key_id or "")
+        headers = {
+            "content-type": "application/json",
+            "webhook-id": delivery_id,
+            "webhook-timestamp": str(ts),
+            "webhook-signature": sign(secret, delivery_id, ts, payload),
+            "user-agent": "lethe-webhooks/1",
+        }
+        code: int | None = None
+        error: str | None = None
+        try:
+            resp = client.post(url, content=payload, headers=headers)
+            code = resp.status_code
+            ok = 200 <= code < 300
+            if not ok:
+                error = f"HTTP {code}"
+        except httpx.HTTPError as exc:
+            ok, error = False, f"{type(exc).__name__}: {exc}"[:500]
+        _record_attempt(sessions, settings, delivery_id, ok=ok, code=code, error=error)
+    return attempted
+
+
+def _record_attempt(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    delivery_id: str,
+    *,
+    ok: bool,
+    code: int | None,
+    error: str | None,
+) -> None:
+    with sessions() as session:
+        row = session.get(CallbackDelivery, delivery_id)
+        assert row is not None
+        now = utcnow()
+        row.attempts += 1
+        row.last_status_code = code
+        row.last_error = error
+        row.lease_until = None
+        if ok:
+            row.status, row.delivered_at = "delivered", now
+        else:
+            next_at = now + timedelta(seconds=backoff_s(row.attempts))
+            if (next_at - row.created_at).total_seconds() > settings.callback_max_age_s:
+                row.status = "failed"
+            row.next_attempt_at = next_at
+        req = session.get(DeletionRequest, row.request_id)
+        data: dict[str, Any] = {
+            "delivery_id": row.id,
+            "url": row.url,
+            "attempt": row.attempts,
+            "status_code": code,
+            "delivered": ok,
+            "outcome": row.status,
+        }
+        if error:
+            data["error"] = error
+        append_event(
+            session,
+            actor="system",
+            action="callback.attempted",
+            subject=f"request:{row.request_id}",
+            request_id=row.request_id,
+            model=None if req is None else _model_name(session, req.model_id),
+            data=data,
+        )
+        session.commit()
+
+
+def _model_name(session: Session, model_id: int) -> str | None:
+    from app.db.models import ModelRow
+
+    return session.scalar(select(ModelRow.name).where(ModelRow.id == model_id))

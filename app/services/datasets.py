@@ -1,0 +1,181 @@
+"""Datasets: register (index every sample through `engine.datasets`), show, list samples.
+
+Registration loads the dataset once with the torch-free adapters and writes its index (sample
+ID, split, label) to the `samples` table; deletion requests are validated against it
+without touching the data again.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.db.models import DatasetRow, Sample
+from app.db.types import rfc3339, utcnow
+from app.errors import AlreadyExists, DatasetNotFound, InvalidInput, to_lethe_error
+from app.services.audit import append_event
+from app.services.common import Page, bulk_insert, decode_cursor, encode_cursor
+from engine import errors as engine_errors
+from engine.datasets import DatasetSpec, load_dataset
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def check_name(name: str, what: str = "name") -> str:
+    """Refuse names that are not `[A-Za-z0-9][A-Za-z0-9._-]*` (no traversal, no separators)."""
+    if not NAME_RE.fullmatch(name) or ".." in name:
+        raise InvalidInput(
+            f"{what} must match [A-Za-z0-9][A-Za-z0-9._-]{{0,99}} and not contain '..'",
+            field=what,
+        )
+    return name
+
+
+def dataset_public(row: DatasetRow) -> dict[str, Any]:
+    """The API shape of a dataset."""
+    return {
+        "name": row.name,
+        "kind": row.kind,
+        "uri": row.uri,
+        "options": row.options,
+        "num_samples": row.num_samples,
+        "num_classes": row.num_classes,
+        "splits": {"train": row.train_size, "test": row.test_size},
+        "input_shape": [row.in_channels, row.height, row.width],
+        "fingerprint": row.fingerprint,
+        "created_at": rfc3339(row.created_at),
+    }
+
+
+def register_dataset(
+    session: Session,
+    *,
+    name: str,
+    kind: str,
+    uri: str = "",
+    options: dict[str, Any] | None = None,
+    actor: str,
+) -> dict[str, Any]:
+    """Index a dataset and store its samples; 409 if the name is taken."""
+    check_name(name, "name")
+    options = options or {}
+    if session.scalar(select(DatasetRow.id).where(DatasetRow.name == name)) is not None:
+        session.rollback()
+        raise AlreadyExists(f"dataset {name!r} exists")
+    session.rollback()
+    try:
+        ds = load_dataset(DatasetSpec(kind=kind, uri=uri, options=options), name)
+    except engine_errors.EngineError as exc:
+        raise to_lethe_error(exc) from None
+    sizes = ds.split_sizes()
+    c, h, w = ds.input_shape
+    row = DatasetRow(
+        name=name,
+        kind=kind,
+        uri=uri,
+        options=options,
+        num_samples=len(ds),
+        num_classes=ds.num_classes,
+        train_size=sizes["train"],
+        test_size=sizes["test"],
+        in_channels=c,
+        height=h,
+        width=w,
+        fingerprint=ds.fingerprint(),
+        created_at=utcnow(),
+    )
+    session.add(row)
+    try:
+        session.flush()
+    except Exception:
+        session.rollback()
+        raise AlreadyExists(f"dataset {name!r} exists") from None
+    bulk_insert(
+        session,
+        Sample.__table__,  # type: ignore[arg-type]
+        (
+            {"dataset_id": row.id, "sample_id": str(s), "split": str(sp), "label": int(lb)}
+            for s, sp, lb in zip(
+                ds.ids.tolist(), ds.splits.tolist(), ds.labels.tolist(), strict=True
+            )
+        ),
+    )
+    append_event(
+        session,
+        actor=actor,
+        action="dataset.registered",
+        subject=f"dataset:{name}",
+        data={"kind": kind, "uri": uri, "num_samples": len(ds), "fingerprint": row.fingerprint},
+    )
+    session.commit()
+    return dataset_public(row)
+
+
+def get_dataset_row(session: Session, name: str) -> DatasetRow:
+    """The dataset row or 404 `dataset_not_found`."""
+    row = session.scalar(select(DatasetRow).where(DatasetRow.name == name))
+    if row is None:
+        raise DatasetNotFound(f"no dataset named {name!r}")
+    return row
+
+
+def get_dataset(session: Session, name: str) -> dict[str, Any]:
+    """One dataset."""
+    try:
+        return dataset_public(get_dataset_row(session, name))
+    finally:
+        session.rollback()
+
+
+def list_datasets(
+    session: Session, *, limit: int, cursor: str | None = None
+) -> Page[dict[str, Any]]:
+    """Datasets by name."""
+    stmt = select(DatasetRow).order_by(DatasetRow.name)
+    after = decode_cursor(cursor)
+    if after is not None:
+        stmt = stmt.where(DatasetRow.name > str(after))
+    rows = list(session.scalars(stmt.limit(limit + 1)))
+    session.rollback()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return Page([dataset_public(r) for r in rows], encode_cursor(rows[-1].name) if more else None)
+
+
+def list_samples(
+    session: Session,
+    name: str,
+    *,
+    split: str | None = None,
+    label: int | None = None,
+    limit: int,
+    cursor: str | None = None,
+) -> Page[dict[str, Any]]:
+    """A dataset's samples by ID, optionally of one split and/or label."""
+    try:
+        ds = get_dataset_row(session, name)
+        stmt = select(Sample.sample_id, Sample.split, Sample.label).where(
+            Sample.dataset_id == ds.id
+        )
+        if split is not None:
+            stmt = stmt.where(Sample.split == split)
+        if label is not None:
+            stmt = stmt.where(Sample.label == label)
+        after = decode_cursor(cursor)
+        if after is not None:
+            stmt = stmt.where(Sample.sample_id > str(after))
+        rows = session.execute(stmt.order_by(Sample.sample_id).limit(limit + 1)).all()
+    finally:
+        session.rollback()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    items = [{"sample_id": r[0], "split": r[1], "label": r[2]} for r in rows]
+    return Page(items, encode_cursor(rows[-1][0]) if more else None)
+
+
+def count_samples(session: Session, dataset_id: int) -> int:
+    """How many samples a dataset indexes."""
+    return int(session.scalar(select(func.count()).where(Sample.dataset_id == dataset_id)) or 0)

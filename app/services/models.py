@@ -1,0 +1,448 @@
+"""Models and versions: registration (upload → v1, or a train job), views, downloads.
+
+An uploaded checkpoint is validated without torch (safetensors header, dtypes, every key and
+shape of the architecture for the dataset's input shape) and stored durably before the
+model and version rows commit. Every checkpoint download is an audit event.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.db.models import DatasetRow, DeletionRequest, ModelRow, ModelVersion
+from app.db.types import rfc3339, utcnow
+from app.errors import (
+    AlreadyExists,
+    InvalidCheckpoint,
+    InvalidInput,
+    ModelNotFound,
+    VersionNotFound,
+    to_lethe_error,
+)
+from app.services.apikeys import Principal
+from app.services.audit import append_event
+from app.services.common import Page, decode_cursor, encode_cursor
+from app.services.datasets import check_name, get_dataset_row
+from app.services.jobs import create_job
+from app.services.policy import merge_policy
+from engine import errors as engine_errors
+from engine.arch_shapes import ARCHITECTURES, param_shapes
+from models_store import Store
+
+RECIPE_KEYS = ("optimizer", "lr", "epochs", "batch_size", "seed")
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A registered model, and the train job to enqueue when there is one."""
+
+    body: dict[str, Any]
+    enqueue_job_id: str | None
+
+
+@dataclass(frozen=True)
+class CheckpointFile:
+    """What a download needs: the file, its digest and size, and a filename."""
+
+    path: Path
+    sha256: str
+    size_bytes: int
+    filename: str
+    model: str
+    version: int
+
+
+def _check_spec(
+    session: Session, *, name: str, dataset: str, architecture: str, num_classes: int
+) -> DatasetRow:
+    check_name(name, "name")
+    ds = get_dataset_row(session, dataset)
+    if architecture not in ARCHITECTURES:
+        raise InvalidInput(
+            f"unknown architecture {architecture!r}",
+            field="architecture",
+            known=list(ARCHITECTURES),
+        )
+    if num_classes < ds.num_classes:
+        raise InvalidInput(
+            f"num_classes {num_classes} is below the dataset's {ds.num_classes} classes",
+            field="num_classes",
+        )
+    try:
+        param_shapes(architecture, num_classes, (ds.in_channels, ds.height, ds.width))
+    except engine_errors.EngineError as exc:
+        raise to_lethe_error(exc) from None
+    if session.scalar(select(ModelRow.id).where(ModelRow.name == name)) is not None:
+        raise AlreadyExists(f"model {name!r} exists")
+    return ds
+
+
+def _new_model(
+    ds: DatasetRow,
+    *,
+    name: str,
+    architecture: str,
+    num_classes: int,
+    recipe: dict[str, Any],
+    policy: dict[str, Any] | None,
+) -> ModelRow:
+    return ModelRow(
+        name=name,
+        dataset_id=ds.id,
+        architecture=architecture,
+        num_classes=num_classes,
+        in_channels=ds.in_channels,
+        recipe=recipe,
+        policy=merge_policy(policy),
+        latest_version=None,
+        forgotten_count=0,
+        created_at=utcnow(),
+    )
+
+
+def register_model_train(
+    session: Session,
+    *,
+    principal: Principal,
+    name: str,
+    dataset: str,
+    architecture: str,
+    num_classes: int,
+    recipe: dict[str, Any],
+    policy: dict[str, Any] | None = None,
+) -> Registered:
+    """Register a model whose version 1 a queued train job will produce."""
+    try:
+        ds = _check_spec(
+            session, name=name, dataset=dataset, architecture=architecture, num_classes=num_classes
+        )
+        model = _new_model(
+            ds,
+            name=name,
+            architecture=architecture,
+            num_classes=num_classes,
+            recipe=recipe,
+            policy=policy,
+        )
+        session.add(model)
+        session.flush()
+    except IntegrityError:
+        session.rollback()
+        raise AlreadyExists(f"model {name!r} exists") from None
+    except BaseException:
+        session.rollback()
+        raise
+    append_event(
+        session,
+        actor=principal.name,
+        action="model.registered",
+        subject=f"model:{name}",
+        model=name,
+        data={
+            "dataset": dataset,
+            "architecture": architecture,
+            "num_classes": num_classes,
+            "recipe": recipe,
+            "policy": model.policy,
+            "init": "train",
+        },
+    )
+    job = create_job(session, model, kind="train", method="train", actor=principal.name)
+    session.commit()
+    body = model_public(session, model)
+    body["job_id"] = job.id
+    session.rollback()
+    return Registered(body, job.id)
+
+
+def register_model_upload(
+    session: Session,
+    store: Store,
+    *,
+    principal: Principal,
+    name: str,
+    dataset: str,
+    architecture: str,
+    num_classes: int,
+    recipe: dict[str, Any],
+    checkpoint: BinaryIO,
+    policy: dict[str, Any] | None = None,
+    max_bytes: int | None = None,
+) -> Registered:
+    """Register a model from an uploaded safetensors checkpoint: version 1, no parent."""
+    try:
+        ds = _check_spec(
+            session, name=name, dataset=dataset, architecture=architecture, num_classes=num_classes
+        )
+        merged = merge_policy(policy)
+        ds_doc = {
+            "name": ds.name,
+            "kind": ds.kind,
+            "uri": ds.uri,
+            "options": ds.options,
+            "fingerprint": ds.fingerprint,
+        }
+        input_shape = [ds.in_channels, ds.height, ds.width]
+    finally:
+        session.rollback()
+    manifest = {
+        "format": "lethe.checkpoint/1",
+        "model": name,
+        "version": 1,
+        "parent_version": None,
+        "job_id": None,
+        "kind": "upload",
+        "architecture": {
+            "name": architecture,
+            "num_classes": num_classes,
+            "input_shape": input_shape,
+        },
+        "dataset": ds_doc,
+        "recipe": recipe,
+        "method": "upload",
+        "method_config": {},
+        "teacher_seed": None,
+        "metrics": {},
+        "forgotten": {"count": 0, "sha256": None, "this_job": 0},
+        "created_at": rfc3339(utcnow()),
+    }
+    try:
+        stored = store.put_file(name, checkpoint, manifest, max_bytes=max_bytes)
+    except engine_errors.InvalidCheckpoint as exc:
+        raise InvalidCheckpoint(str(exc)) from None
+    except engine_errors.EngineError as exc:
+        raise to_lethe_error(exc) from None
+    ds = get_dataset_row(session, dataset)
+    model = _new_model(
+        ds,
+        name=name,
+        architecture=architecture,
+        num_classes=num_classes,
+        recipe=recipe,
+        policy=merged,
+    )
+    session.add(model)
+    try:
+        session.flush()
+    except IntegrityError:
+        session.rollback()
+        raise AlreadyExists(f"model {name!r} exists") from None
+    now = utcnow()
+    session.add(
+        ModelVersion(
+            model_id=model.id,
+            version=1,
+            parent_version=None,
+            sha256=stored.sha256,
+            size_bytes=stored.size_bytes,
+            path=store.relative(stored.path),
+            manifest_path=store.relative(stored.manifest_path),
+            method="upload",
+            job_id=None,
+            metrics=None,
+            forgotten_count=0,
+            created_at=now,
+        )
+    )
+    model.latest_version = 1
+    session.flush()
+    append_event(
+        session,
+        actor=principal.name,
+        action="model.registered",
+        subject=f"model:{name}",
+        model=name,
+        data={
+            "dataset": dataset,
+            "architecture": architecture,
+            "num_classes": num_classes,
+            "recipe": recipe,
+            "policy": model.policy,
+            "init": "upload",
+        },
+    )
+    append_event(
+        session,
+        actor=principal.name,
+        action="model.version.published",
+        subject=f"model:{name}/v1",
+        model=name,
+        data={
+            "version": 1,
+            "parent": None,
+            "sha256": stored.sha256,
+            "size_bytes": stored.size_bytes,
+            "method": "upload",
+        },
+    )
+    session.commit()
+    body = model_public(session, model)
+    session.rollback()
+    return Registered(body, None)
+
+
+def _model_by_name(session: Session, name: str) -> ModelRow:
+    model = session.scalar(select(ModelRow).where(ModelRow.name == name))
+    if model is None:
+        session.rollback()
+        raise ModelNotFound(f"no model named {name!r}", model=name)
+    return model
+
+
+def model_public(session: Session, model: ModelRow) -> dict[str, Any]:
+    """A model as API.md describes it."""
+    pending = session.scalar(
+        select(func.count())
+        .select_from(DeletionRequest)
+        .where(DeletionRequest.model_id == model.id)
+        .where(DeletionRequest.status.in_(("accepted", "queued", "running")))
+    )
+    dataset = session.scalar(select(DatasetRow.name).where(DatasetRow.id == model.dataset_id))
+    return {
+        "name": model.name,
+        "dataset": dataset,
+        "architecture": model.architecture,
+        "num_classes": model.num_classes,
+        "recipe": model.recipe,
+        "policy": model.policy,
+        "latest_version": model.latest_version,
+        "forgotten_count": model.forgotten_count,
+        "pending_requests": int(pending or 0),
+        "created_at": rfc3339(model.created_at),
+    }
+
+
+def get_model(session: Session, name: str) -> dict[str, Any]:
+    """One model."""
+    try:
+        return model_public(session, _model_by_name(session, name))
+    finally:
+        session.rollback()
+
+
+def list_models(session: Session, *, limit: int, cursor: str | None = None) -> Page[dict[str, Any]]:
+    """Models by name."""
+    stmt = select(ModelRow).order_by(ModelRow.name)
+    after = decode_cursor(cursor)
+    if after is not None:
+        stmt = stmt.where(ModelRow.name > str(after))
+    rows = list(session.scalars(stmt.limit(limit + 1)))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    items = [model_public(session, m) for m in rows]
+    session.rollback()
+    return Page(items, encode_cursor(rows[-1].name) if more else None)
+
+
+def version_public(model: ModelRow, v: ModelVersion) -> dict[str, Any]:
+    """A version as API.md describes it."""
+    return {
+        "model": model.name,
+        "version": v.version,
+        "parent": v.parent_version,
+        "sha256": v.sha256,
+        "size_bytes": v.size_bytes,
+        "method": v.method,
+        "job_id": v.job_id,
+        "metrics": v.metrics,
+        "forgotten_count": v.forgotten_count,
+        "created_at": rfc3339(v.created_at),
+    }
+
+
+def _version(session: Session, model: ModelRow, n: str | int) -> ModelVersion:
+    if n == "latest":
+        if model.latest_version is None:
+            raise VersionNotFound(f"model {model.name} has no published version yet")
+        number = model.latest_version
+    else:
+        try:
+            number = int(n)
+        except (TypeError, ValueError):
+            raise VersionNotFound(f"no version {n!r}; use a number or 'latest'") from None
+    v = session.scalar(
+        select(ModelVersion)
+        .where(ModelVersion.model_id == model.id)
+        .where(ModelVersion.version == number)
+    )
+    if v is None:
+        raise VersionNotFound(f"model {model.name} has no version {number}")
+    return v
+
+
+def get_version(session: Session, name: str, n: str | int) -> dict[str, Any]:
+    """One version (`n` may be `latest`)."""
+    try:
+        model = _model_by_name(session, name)
+        return version_public(model, _version(session, model, n))
+    finally:
+        session.rollback()
+
+
+def list_versions(
+    session: Session, name: str, *, limit: int, cursor: str | None = None
+) -> Page[dict[str, Any]]:
+    """A model's versions, newest first."""
+    try:
+        model = _model_by_name(session, name)
+        stmt = select(ModelVersion).where(ModelVersion.model_id == model.id)
+        after = decode_cursor(cursor)
+        if after is not None:
+            stmt = stmt.where(ModelVersion.version < int(after))
+        rows = list(session.scalars(stmt.order_by(ModelVersion.version.desc()).limit(limit + 1)))
+    finally:
+        session.rollback()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return Page(
+        [version_public(model, v) for v in rows], encode_cursor(rows[-1].version) if more else None
+    )
+
+
+def get_manifest(session: Session, store: Store, name: str, n: str | int) -> dict[str, Any]:
+    """The JSON manifest stored with a version."""
+    try:
+        model = _model_by_name(session, name)
+        v = _version(session, model, n)
+        path = v.manifest_path
+    finally:
+        session.rollback()
+    return store.read_manifest(path)
+
+
+def checkpoint_file(session: Session, store: Store, name: str, n: str | int) -> CheckpointFile:
+    """Locate a version's checkpoint for download."""
+    try:
+        model = _model_by_name(session, name)
+        v = _version(session, model, n)
+        return CheckpointFile(
+            path=store.resolve(v.path),
+            sha256=v.sha256,
+            size_bytes=v.size_bytes,
+            filename=f"{model.name}-v{v.version}.safetensors",
+            model=model.name,
+            version=v.version,
+        )
+    finally:
+        session.rollback()
+
+
+def record_download(
+    session: Session, ck: CheckpointFile, *, actor: str, byte_range: str | None
+) -> None:
+    """Audit one checkpoint download."""
+    append_event(
+        session,
+        actor=actor,
+        action="checkpoint.downloaded",
+        subject=f"model:{ck.model}/v{ck.version}",
+        model=ck.model,
+        data={"version": ck.version, "sha256": ck.sha256, "range": byte_range},
+    )
+    session.commit()

@@ -1,0 +1,216 @@
+"""The on-disk store of published checkpoints.
+
+Layout under the root (one shared volume in production):
+
+    {root}/{model}/checkpoints/{sha256}.safetensors   the weights, named by their digest
+    {root}/{model}/manifests/{sha256}.json            a manifest, named by its own digest
+
+Every file is written to a temporary name in the same directory, fsynced, renamed into place
+with `os.replace` and the directory fsynced; a name that already exists is never rewritten
+(its content is, by construction, identical). A crash therefore leaves at most a `.tmp-*`
+file, never a half-written checkpoint under a real name, and the database row that makes a
+version visible commits only after both files are durable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import re
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from engine.errors import InvalidCheckpoint
+from models_store.safetensors_check import validate_safetensors
+
+__all__ = ["InvalidCheckpoint", "Store", "StoredCheckpoint"]
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+CHUNK = 1024 * 1024
+TMP_PREFIX = ".tmp-"
+
+
+@dataclass(frozen=True)
+class StoredCheckpoint:
+    """Where a stored checkpoint and its manifest live, and the checkpoint's digest and size."""
+
+    path: Path
+    manifest_path: Path
+    sha256: str
+    size_bytes: int
+
+
+def check_name(name: str) -> str:
+    """Refuse model names that could escape the store (traversal, separators, dot files)."""
+    if not NAME_RE.fullmatch(name) or ".." in name:
+        raise ValueError(f"unsafe name {name!r}")
+    return name
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def canonical_json(obj: Any) -> bytes:
+    """The byte encoding manifests are written and hashed in."""
+    return json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False).encode() + b"\n"
+
+
+class Store:
+    """A content-addressed, write-once checkpoint store rooted at `root`."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root).resolve()
+
+    # -- paths ---------------------------------------------------------------------------
+    def _dir(self, model: str, sub: str) -> Path:
+        return self.root / check_name(model) / sub
+
+    def path_for(self, model: str, sha256: str) -> Path:
+        """The path a checkpoint with digest `sha256` has (or would have) in this store."""
+        if not SHA_RE.fullmatch(sha256):
+            raise ValueError("sha256 must be 64 lowercase hex digits")
+        return self._dir(model, "checkpoints") / f"{sha256}.safetensors"
+
+    def resolve(self, stored_path: str | Path) -> Path:
+        """An absolute path for a path recorded in the database; refuses paths outside root."""
+        path = Path(stored_path)
+        path = (path if path.is_absolute() else self.root / path).resolve()
+        if self.root not in path.parents:
+            raise ValueError("path is outside the store")
+        return path
+
+    def relative(self, path: Path) -> str:
+        """The path relative to the store root, as recorded in the database."""
+        return path.resolve().relative_to(self.root).as_posix()
+
+    # -- writing -------------------------------------------------------------------------
+    def _commit_temp(self, tmp: Path, final: Path) -> None:
+        if final.exists():
+            tmp.unlink()  # same content by construction; never rewrite a published file
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(final.parent)
+
+    def _write_bytes(self, final: Path, data: bytes) -> None:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists():
+            return
+        tmp = final.parent / f"{TMP_PREFIX}{secrets.token_hex(8)}"
+        with tmp.open("xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        self._commit_temp(tmp, final)
+
+    def put(self, model: str, data: bytes, manifest: dict[str, Any]) -> StoredCheckpoint:
+        """Store checkpoint bytes and their manifest; see `put_file`."""
+        return self.put_file(model, io.BytesIO(data), manifest)
+
+    def put_file(
+        self,
+        model: str,
+        src: BinaryIO,
+        manifest: dict[str, Any],
+        *,
+        max_bytes: int | None = None,
+    ) -> StoredCheckpoint:
+        """Copy a safetensors stream into the store, validate it, then write its manifest.
+
+        The checkpoint is validated structurally and, when `manifest["architecture"]` names
+        `name`, `num_classes` and `input_shape` (C, H, W), against that architecture's shapes. The
+        manifest gets `sha256`, `size_bytes` and `file` filled in. Raises `InvalidCheckpoint`
+        (nothing is left behind) or `ValueError` for an unsafe model name.
+        """
+        ck_dir = self._dir(model, "checkpoints")
+        ck_dir.mkdir(parents=True, exist_ok=True)
+        tmp = ck_dir / f"{TMP_PREFIX}{secrets.token_hex(8)}"
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with tmp.open("xb") as out:
+                while chunk := src.read(CHUNK):
+                    size += len(chunk)
+                    if max_bytes is not None and size > max_bytes:
+                        raise InvalidCheckpoint(f"the checkpoint exceeds {max_bytes} bytes")
+                    digest.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            arch = manifest.get("architecture") or {}
+            with tmp.open("rb") as f:
+                validate_safetensors(
+                    f,
+                    size,
+                    arch=arch.get("name"),
+                    num_classes=arch.get("num_classes"),
+                    input_shape=tuple(arch["input_shape"]) if arch.get("input_shape") else None,
+                )
+            sha = digest.hexdigest()
+            final = self.path_for(model, sha)
+            self._commit_temp(tmp, final)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
+        full = dict(manifest)
+        full.update(sha256=sha, size_bytes=size, file=final.name, format="safetensors")
+        body = canonical_json(full)
+        manifest_path = self._dir(model, "manifests") / f"{hashlib.sha256(body).hexdigest()}.json"
+        self._write_bytes(manifest_path, body)
+        return StoredCheckpoint(final, manifest_path, sha, size)
+
+    # -- reading -------------------------------------------------------------------------
+    def open(self, model: str, sha256: str) -> BinaryIO:
+        """Open a stored checkpoint for reading."""
+        return self.path_for(model, sha256).open("rb")
+
+    def read_manifest(self, path: str | Path) -> dict[str, Any]:
+        """Load a manifest recorded in the database."""
+        data: dict[str, Any] = json.loads(self.resolve(path).read_bytes())
+        return data
+
+    def iter_range(self, path: Path, start: int, end: int, chunk: int = CHUNK) -> Iterator[bytes]:
+        """Yield bytes `start..end` (inclusive) of a file in constant memory."""
+        with path.open("rb") as f:
+            f.seek(start)
+            left = end - start + 1
+            while left > 0:
+                block = f.read(min(chunk, left))
+                if not block:
+                    break
+                left -= len(block)
+                yield block
+
+    def verify(self, model: str, sha256: str) -> bool:
+        """Re-hash a stored checkpoint and compare with its name."""
+        h = hashlib.sha256()
+        with self.open(model, sha256) as f:
+            while chunk := f.read(CHUNK):
+                h.update(chunk)
+        return h.hexdigest() == sha256
+
+    def clean_temp(self, older_than_s: float = 3600.0) -> int:
+        """Remove temporary files a crashed writer left behind; returns how many."""
+        if not self.root.exists():
+            return 0
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for tmp in self.root.glob(f"*/*/{TMP_PREFIX}*"):
+            with contextlib.suppress(FileNotFoundError):
+                if tmp.stat().st_mtime < cutoff:
+                    tmp.unlink()
+                    removed += 1
+        return removed
