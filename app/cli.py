@@ -63,7 +63,7 @@ DEMO_MODEL = {
     "recipe": {"optimizer": "sgd", "lr": 0.05, "epochs": 8, "batch_size": 64, "seed": 0},
 }
 #: The zero-argument ASGI app factory uvicorn serves (`uvicorn --factory`).
-API_FACTORY = "app.main:app_from_env"
+API_FACTORY = "app.main:create_app"
 
 
 class CLIError(Exception):
@@ -282,8 +282,9 @@ def _spawn(argv: list[str], log_path: Path | None) -> subprocess.Popen[bytes]:
     out: Any = None
     if log_path is not None:
         out = log_path.open("ab")
-    return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT if out else None,
-                            start_new_session=True)
+    return subprocess.Popen(
+        argv, stdout=out, stderr=subprocess.STDOUT if out else None, start_new_session=True
+    )
 
 
 def _stop_children(children: dict[str, subprocess.Popen[bytes]], grace: float) -> None:
@@ -300,8 +301,11 @@ def _stop_children(children: dict[str, subprocess.Popen[bytes]], grace: float) -
         try:
             proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            print(f"{name} still busy after {grace:.0f}s; stopping it now "
-                  "(an interrupted job resumes on the next start)", file=sys.stderr)
+            print(
+                f"{name} still busy after {grace:.0f}s; stopping it now "
+                "(an interrupted job resumes on the next start)",
+                file=sys.stderr,
+            )
             proc.send_signal(signal.SIGQUIT if name == "worker" else signal.SIGKILL)
             try:
                 proc.wait(timeout=5)
@@ -310,8 +314,9 @@ def _stop_children(children: dict[str, subprocess.Popen[bytes]], grace: float) -
                 proc.wait()
 
 
-def _wait_ready(client: LetheClient, children: dict[str, subprocess.Popen[bytes]],
-                timeout: float) -> None:
+def _wait_ready(
+    client: LetheClient, children: dict[str, subprocess.Popen[bytes]], timeout: float
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for name, proc in children.items():
@@ -354,8 +359,7 @@ def bootstrap_demo(client: LetheClient, *, show: ProgressBar | None = None) -> N
     job = client.wait_for_job(str(job_id), poll_interval=0.5, on_update=bar.job)
     bar.done()
     if job.get("status") != "succeeded":
-        print(f"training demo-mnist ended {job.get('status')}: {job.get('error')}",
-              file=sys.stderr)
+        print(f"training demo-mnist ended {job.get('status')}: {job.get('error')}", file=sys.stderr)
         return
     print(f"demo-mnist v{job.get('result_version')} ready; metrics:")
     print(_fmt_metrics(job.get("metrics")))
@@ -383,8 +387,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.api_only:
         import uvicorn
 
-        uvicorn.run(API_FACTORY, factory=True, host=args.host, port=args.port,
-                    log_level=args.log_level.lower(), proxy_headers=True)
+        uvicorn.run(
+            API_FACTORY,
+            factory=True,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level.lower(),
+            proxy_headers=True,
+        )
         return 0
 
     var_dir = Path(settings.var_dir)
@@ -410,12 +420,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 None if args.verbose else logs / "worker.log",
             )
         children["api"] = _spawn(
-            [sys.executable, "-m", "uvicorn", "--factory", API_FACTORY, "--host", args.host,
-             "--port", str(args.port), "--log-level", args.log_level.lower()],
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--factory",
+                API_FACTORY,
+                "--host",
+                args.host,
+                "--port",
+                str(args.port),
+                "--log-level",
+                args.log_level.lower(),
+            ],
             None if args.verbose else logs / "api.log",
         )
-        with LetheClient(url, resolve_api_key(args.api_key) or new_key,
-                         timeout=args.timeout) as client:
+        with LetheClient(
+            url, resolve_api_key(args.api_key) or new_key, timeout=args.timeout
+        ) as client:
             _wait_ready(client, children, timeout=120)
             print(f"API ready on {url}; worker logs in {logs}")
             if not args.no_bootstrap:
@@ -446,7 +468,8 @@ def _read_ids(args: argparse.Namespace) -> list[str]:
     if args.ids_file:
         text = sys.stdin.read() if args.ids_file == "-" else Path(args.ids_file).read_text()
         ids.extend(
-            line.strip() for line in text.splitlines()
+            line.strip()
+            for line in text.splitlines()
             if line.strip() and not line.strip().startswith("#")
         )
     if not ids:
@@ -467,9 +490,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
             verify=args.verify,
             idempotency_key=args.idempotency_key,
         )
-        print(f"request {request['id']}: {request.get('status')} "
-              f"({request.get('sample_count')} IDs, "
-              f"{request.get('already_forgotten_count', 0)} already forgotten)")
+        print(
+            f"request {request['id']}: {request.get('status')} "
+            f"({request.get('sample_count')} IDs, "
+            f"{request.get('already_forgotten_count', 0)} already forgotten)"
+        )
         if not args.wait:
             return 0
         bar = ProgressBar()
@@ -480,8 +505,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
             else:
                 bar.line(str(req.get("status")), key=str(req.get("status")))
 
-        final = client.wait_for_request(request["id"], timeout=args.timeout_wait,
-                                        poll_interval=0.5, on_update=show)
+        final = client.wait_for_request(
+            request["id"], timeout=args.timeout_wait, poll_interval=0.5, on_update=show
+        )
         bar.done()
         _print_request(final)
         return 0 if final.get("status") == "succeeded" else 1
@@ -489,8 +515,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def _print_request(req: Any) -> None:
     print(f"request {req.get('id')}  model {req.get('model')}  status {req.get('status')}")
-    print(f"  samples {req.get('sample_count')}  already forgotten "
-          f"{req.get('already_forgotten_count')}  job {req.get('job_id') or '-'}")
+    print(
+        f"  samples {req.get('sample_count')}  already forgotten "
+        f"{req.get('already_forgotten_count')}  job {req.get('job_id') or '-'}"
+    )
     if req.get("result_version") is not None:
         print(f"  new version v{req['result_version']}")
     print(f"  verdict {_fmt_verdict(req.get('verdict'))}")
@@ -514,14 +542,18 @@ def cmd_status(args: argparse.Namespace) -> int:
         models = client.list_models()
         print(f"{'model':<24} {'latest':>6} {'forgotten':>9} {'pending':>7}")
         for m in models:
-            print(f"{m.get('name', ''):<24} {m.get('latest_version') or '-'!s:>6} "
-                  f"{m.get('forgotten_count', 0):>9} {m.get('pending_requests', 0):>7}")
+            print(
+                f"{m.get('name', ''):<24} {m.get('latest_version') or '-'!s:>6} "
+                f"{m.get('forgotten_count', 0):>9} {m.get('pending_requests', 0):>7}"
+            )
         requests = client.list_deletion_requests(model=args.model, limit=10)
         if requests:
             print("\nrecent deletion requests:")
             for r in requests:
-                print(f"  {r.get('id')}  {r.get('model'):<16} {r.get('status'):<10} "
-                      f"{r.get('sample_count')} IDs  v{r.get('result_version') or '-'}")
+                print(
+                    f"  {r.get('id')}  {r.get('model'):<16} {r.get('status'):<10} "
+                    f"{r.get('sample_count')} IDs  v{r.get('result_version') or '-'}"
+                )
     return 0
 
 
@@ -538,11 +570,16 @@ def cmd_audit(args: argparse.Namespace) -> int:
     with _client(args) as client:
         result = client.verify_audit()
     if result.get("ok"):
-        print(f"audit chain OK: {result.get('checked')} events, head #{result.get('head_seq')} "
-              f"{result.get('head_hash')}")
+        print(
+            f"audit chain OK: {result.get('checked')} events, head #{result.get('head_seq')} "
+            f"{result.get('head_hash')}"
+        )
         return 0
-    print(f"audit chain BROKEN at event #{result.get('first_bad_seq')} "
-          f"({result.get('checked')} checked)", file=sys.stderr)
+    print(
+        f"audit chain BROKEN at event #{result.get('first_bad_seq')} "
+        f"({result.get('checked')} checked)",
+        file=sys.stderr,
+    )
     return 1
 
 
@@ -559,24 +596,38 @@ def cmd_bench(argv: Sequence[str]) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The `lethe` argument parser."""
     p = argparse.ArgumentParser(prog="lethe", description="Lethe machine-unlearning service")
-    p.add_argument("--url", default=os.environ.get("LETHE_URL", DEFAULT_URL),
-                   help="service root for HTTP commands (default: $LETHE_URL or %(default)s)")
-    p.add_argument("--api-key", default=None,
-                   help="API key (default: $LETHE_API_KEY, else var/admin.key)")
+    p.add_argument(
+        "--url",
+        default=os.environ.get("LETHE_URL", DEFAULT_URL),
+        help="service root for HTTP commands (default: $LETHE_URL or %(default)s)",
+    )
+    p.add_argument(
+        "--api-key", default=None, help="API key (default: $LETHE_API_KEY, else var/admin.key)"
+    )
     p.add_argument("--timeout", type=float, default=30.0, help="HTTP timeout in seconds")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("serve", help="run the service (embedded: API + one worker)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--api-only", action="store_true",
-                   help="serve the API in this process only (production: no worker, no demo)")
+    s.add_argument(
+        "--api-only",
+        action="store_true",
+        help="serve the API in this process only (production: no worker, no demo)",
+    )
     s.add_argument("--no-worker", action="store_true", help="do not start the embedded worker")
     s.add_argument("--no-migrate", action="store_true", help="skip `alembic upgrade head`")
-    s.add_argument("--no-bootstrap", action="store_true",
-                   help="do not register mnist5k / train demo-mnist on first start")
-    s.add_argument("--grace", type=float, default=15.0,
-                   help="seconds a busy worker gets to stop on Ctrl-C (default %(default)s)")
+    s.add_argument(
+        "--no-bootstrap",
+        action="store_true",
+        help="do not register mnist5k / train demo-mnist on first start",
+    )
+    s.add_argument(
+        "--grace",
+        type=float,
+        default=15.0,
+        help="seconds a busy worker gets to stop on Ctrl-C (default %(default)s)",
+    )
     s.add_argument("--log-level", default="INFO")
     s.add_argument("--verbose", action="store_true", help="child logs to this terminal")
     s.set_defaults(func=cmd_serve)
@@ -611,8 +662,13 @@ def build_parser() -> argparse.ArgumentParser:
     su.add_argument("--verify", choices=["standard", "retrain"])
     su.add_argument("--idempotency-key")
     su.add_argument("--wait", action="store_true", help="follow it with a progress bar")
-    su.add_argument("--timeout-wait", type=float, default=None, metavar="S",
-                    help="give up waiting after S seconds")
+    su.add_argument(
+        "--timeout-wait",
+        type=float,
+        default=None,
+        metavar="S",
+        help="give up waiting after S seconds",
+    )
     su.set_defaults(func=cmd_submit)
 
     st = sub.add_parser("status", help="show a request, a job, or an overview")
@@ -645,12 +701,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except ServiceUnreachable as exc:
-        print(f"error: cannot reach Lethe at {args.url} ({exc}); is `lethe serve` running?",
-              file=sys.stderr)
+        print(
+            f"error: cannot reach Lethe at {args.url} ({exc}); is `lethe serve` running?",
+            file=sys.stderr,
+        )
     except LetheAPIError as exc:
         print(f"error: {exc.status} {exc.code}: {exc.detail or exc.title}", file=sys.stderr)
-        extra = {k: v for k, v in exc.problem.items()
-                 if k not in {"type", "title", "status", "detail", "code", "instance"}}
+        extra = {
+            k: v
+            for k, v in exc.problem.items()
+            if k not in {"type", "title", "status", "detail", "code", "instance"}
+        }
         if extra:
             print(json.dumps(extra, indent=2)[:4000], file=sys.stderr)
     except (LetheClientError, CLIError) as exc:
