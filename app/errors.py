@@ -99,6 +99,7 @@ class UnknownSampleIds(_SampleIdProblem):
 
 
 class TestSplitSamples(_SampleIdProblem):
+    __test__ = False  # a problem type, not a pytest class
     code, title = "test_split_samples", "Test-split samples cannot be forgotten"
     noun = "sample IDs of the held-out test split, which was never trained on"
 

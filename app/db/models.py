@@ -40,7 +40,7 @@ class Base(DeclarativeBase):
     """Declarative base with a stable constraint naming convention."""
 
     metadata = MetaData(naming_convention=NAMING)
-    type_annotation_map = {dict[str, Any]: JSON, datetime: UTCDateTime}
+    type_annotation_map = {dict[str, Any]: JSON, datetime: UTCDateTime, float: Float}
 
 
 class ApiKey(Base):

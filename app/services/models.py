@@ -45,6 +45,11 @@ class Registered:
     body: dict[str, Any]
     enqueue_job_id: str | None
 
+    @property
+    def job_id(self) -> str | None:
+        """The train job's id (None for an upload)."""
+        return self.enqueue_job_id
+
 
 @dataclass(frozen=True)
 class CheckpointFile:
