@@ -379,7 +379,8 @@ class LetheClient:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             request = self.get_deletion_request(request_id)
-            job = self.get_job(request["job_id"]) if request.get("job_id") else None
+            job_id = request.get("job_id")
+            job = self.get_job(job_id) if job_id else None
             if on_update is not None:
                 on_update(request, job)
             if request.get("status") in FINAL_STATUSES:
@@ -521,9 +522,11 @@ class LetheClient:
                     raise_for_problem(response)
                 etag = response.headers.get("ETag", "").strip().strip('"')
                 target = _download_target(response, model, version, dest)
-                total = int(response.headers["Content-Length"]) if "Content-Length" in (
-                    response.headers
-                ) else None
+                total = (
+                    int(response.headers["Content-Length"])
+                    if "Content-Length" in (response.headers)
+                    else None
+                )
                 digest = hashlib.sha256()
                 size = 0
                 partial = target.with_name(f".{target.name}.part")

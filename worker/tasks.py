@@ -44,7 +44,8 @@ from app.errors import StaleAttempt
 from app.services import jobs as job_service
 from app.settings import Settings, get_settings
 from engine.errors import Cancelled, InvalidInput
-from worker.celery_app import RUN_JOB
+from models_store import Store
+from worker.celery_app import QUEUE, RUN_JOB
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -54,7 +55,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SessionFactory = Callable[[], AbstractContextManager["Session"]]
-Enqueue = Callable[[Any], None]
+Enqueue = Callable[[str], None]
 
 #: Minimum seconds between two progress writes of one job (phase changes always write).
 PROGRESS_INTERVAL_S = 0.5
@@ -68,10 +69,10 @@ MAX_ERROR_CHARS = 2000
 class JobRun:
     """What `run_job` did with one message (for logs and tests)."""
 
-    job_id: Any
+    job_id: str
     outcome: str  # skipped | succeeded | failed | cancelled | stale
     detail: str = ""
-    fallback_job_ids: tuple[Any, ...] = ()
+    follow_ups: tuple[str, ...] = ()
 
 
 class _LostClaim(Exception):
@@ -91,12 +92,16 @@ class _JobReporter:
         sessions: SessionFactory,
         job_id: Any,
         *,
+        attempt: int,
+        worker: str,
         heartbeat_interval_s: float,
         progress_interval_s: float = PROGRESS_INTERVAL_S,
         cancel_poll_s: float = CANCEL_POLL_S,
     ) -> None:
         self._sessions = sessions
         self._job_id = job_id
+        self._attempt = attempt
+        self._worker = worker
         self._progress_interval_s = progress_interval_s
         self._cancel_poll_s = cancel_poll_s
         self._heartbeat_interval_s = heartbeat_interval_s
@@ -160,9 +165,11 @@ class _JobReporter:
         return self.cancel_requested or self.lost_claim
 
     def set_phase(self, phase: str) -> None:
-        """A phase the worker itself enters (`publishing`); always written."""
+        """A phase the worker itself enters (`publishing`); always written.
+
+        The step counters stay where the engine left them, so progress does not jump back.
+        """
         self._phase, self._phase_started = phase, time.monotonic()
-        self._step = self._total = 0
         self.write(force=True)
 
     # -- the write ------------------------------------------------------------------------
@@ -192,8 +199,9 @@ class _JobReporter:
                         losses=dict(self._losses),
                         weights=dict(self._weights),
                         eta_seconds=self._eta(),
+                        attempt=self._attempt,
+                        worker=self._worker,
                     )
-                    session.commit()
             except StaleAttempt:
                 log.warning("job %s is now owned by another attempt; stopping", self._job_id)
                 self.lost_claim = True
@@ -221,7 +229,7 @@ def _error_text(exc: BaseException) -> str:
     return text[:MAX_ERROR_CHARS]
 
 
-def _execute(ticket: Any, reporter: _JobReporter) -> JobOutput:
+def _execute(ticket: job_service.JobTicket, reporter: _JobReporter) -> JobOutput:
     """Run the engine for a claimed job (imports torch: call only in the job's process)."""
     from engine.datasets import DatasetSpec
     from engine.jobs import ModelSpec, Recipe, run_train, run_unlearn
@@ -258,39 +266,47 @@ def _execute(ticket: Any, reporter: _JobReporter) -> JobOutput:
 
 
 def run_job(
-    job_id: Any,
+    job_id: str,
     *,
     worker: str,
     settings: Settings | None = None,
     sessions: SessionFactory | None = None,
-    store: Any = None,
+    store: Store | None = None,
     enqueue: Enqueue | None = None,
 ) -> JobRun:
     """Run one job end to end; the body of the `RUN_JOB` task.
 
-    `sessions`, `store` and `enqueue` default to the deployment's (tests pass their own).
-    Returns what happened; errors of the job itself end in the database, not as exceptions.
-    Only a database that cannot be written raises (the message then goes back to the broker
-    or, failing that, to the sweeper).
+    `sessions`, `store` and `enqueue` default to the deployment's (tests pass their own;
+    `enqueue=None` sends nothing). Returns what happened; the job's own errors end in the
+    database, not as exceptions. Only a database that cannot be written raises (the message
+    then goes back to the broker or, failing that, to the sweeper).
     """
     settings = settings or get_settings()
     sessions = sessions or default_session_factory(settings)
-    if store is None:
-        store = default_store(settings)
+    store = store or Store(settings.store_path)
 
     with sessions() as session:
         ticket = job_service.claim_job(
-            session, job_id, worker, heartbeat_timeout_s=settings.heartbeat_timeout_s
+            session,
+            job_id,
+            worker,
+            heartbeat_timeout_s=settings.heartbeat_timeout_s,
+            max_attempts=settings.max_attempts,
+            store=store,
         )
-        session.commit()
     if ticket is None:
         log.info("job %s not claimed by %s (taken, final or not its turn)", job_id, worker)
         return JobRun(job_id, "skipped")
     log.info("job %s (%s, attempt %s) claimed by %s", job_id, ticket.kind, ticket.attempt, worker)
 
     reporter = _JobReporter(
-        sessions, job_id, heartbeat_interval_s=max(1.0, settings.heartbeat_timeout_s / 4)
+        sessions,
+        job_id,
+        attempt=ticket.attempt,
+        worker=worker,
+        heartbeat_interval_s=max(1.0, settings.heartbeat_timeout_s / 4),
     )
+    follow_ups: list[str] = []
     try:
         with reporter:
             output = _execute(ticket, reporter)
@@ -315,8 +331,9 @@ def run_job(
                     seconds=output.seconds,
                     steps=output.steps,
                     device=output.device,
+                    attempt=ticket.attempt,
+                    worker=worker,
                 )
-                session.commit()
     except (_LostClaim, StaleAttempt):
         log.warning("job %s: attempt by %s lost its claim; left to the new owner", job_id, worker)
         return JobRun(job_id, "stale")
@@ -324,73 +341,70 @@ def run_job(
         if reporter.lost_claim:
             return JobRun(job_id, "stale")
         with sessions() as session:
-            job_service.mark_cancelled(session, job_id)
-            session.commit()
+            follow_ups = job_service.mark_cancelled(session, job_id)
         log.info("job %s cancelled", job_id)
-        return JobRun(job_id, "cancelled")
+        _enqueue(sessions, enqueue, follow_ups)
+        return JobRun(job_id, "cancelled", follow_ups=tuple(follow_ups))
     except InvalidInput as exc:
         log.info("job %s refused by the engine: %s", job_id, exc)
-        _fail(sessions, job_id, error=_error_text(exc), code=exc.code)
-        return JobRun(job_id, "failed", exc.code)
+        follow_ups = _fail(sessions, job_id, error=_error_text(exc), code=exc.code,
+                           attempt=ticket.attempt, worker=worker)
+        _enqueue(sessions, enqueue, follow_ups)
+        return JobRun(job_id, "failed", exc.code, tuple(follow_ups))
     except Exception as exc:
         log.exception("job %s failed in the worker", job_id)
         code = str(getattr(exc, "code", "") or "worker_error")
-        _fail(sessions, job_id, error=_error_text(exc), code=code)
-        return JobRun(job_id, "failed", code)
+        follow_ups = _fail(sessions, job_id, error=_error_text(exc), code=code,
+                           attempt=ticket.attempt, worker=worker)
+        _enqueue(sessions, enqueue, follow_ups)
+        return JobRun(job_id, "failed", code, tuple(follow_ups))
 
-    fallback = _fallback_ids(result)
-    if fallback and enqueue is not None:
-        for next_id in fallback:
-            enqueue(next_id)
-    outcome = str(getattr(result, "verdict", "") or "")
-    log.info("job %s finished: %s", job_id, outcome or result)
-    published = getattr(result, "published", getattr(result, "publish", None))
+    follow_ups = list(result.enqueue)
+    _enqueue(sessions, enqueue, follow_ups)
+    log.info("job %s finished: verdict %s, version %s", job_id, result.verdict, result.version)
     return JobRun(
         job_id,
-        "succeeded" if published or outcome == "passed" else "failed",
-        outcome,
-        tuple(fallback),
+        "succeeded" if result.published else "failed",
+        result.verdict,
+        tuple(follow_ups),
     )
 
 
-def _fail(sessions: SessionFactory, job_id: Any, *, error: str, code: str) -> None:
+def _fail(
+    sessions: SessionFactory, job_id: str, *, error: str, code: str, attempt: int, worker: str
+) -> list[str]:
     try:
         with sessions() as session:
-            job_service.fail_job(session, job_id, error=error, code=code)
-            session.commit()
+            return job_service.fail_job(
+                session, job_id, error=error, code=code, attempt=attempt, worker=worker
+            )
     except StaleAttempt:
         log.warning("job %s: not failing it, another attempt owns it", job_id)
+        return []
 
 
-def _fallback_ids(result: Any) -> list[Any]:
-    """The job ids a `CompletionResult` asks the worker to enqueue next."""
-    ids: list[Any] = []
-    for name in ("fallback_job_id", "next_job_id"):
-        value = getattr(result, name, None)
-        if value is not None:
-            ids.append(value)
-    return ids
+def _enqueue(sessions: SessionFactory, enqueue: Enqueue | None, job_ids: list[str]) -> None:
+    """Ring the broker for jobs that became runnable, and stamp them for the sweeper."""
+    if enqueue is None or not job_ids:
+        return
+    for next_id in job_ids:
+        enqueue(next_id)
+    with sessions() as session:
+        job_service.mark_enqueued(session, job_ids)
 
 
-def default_store(settings: Settings) -> Any:
-    """The deployment's model store."""
-    from models_store import Store
-
-    return Store(settings.store_path)
-
-
-@shared_task(
+@shared_task(  # type: ignore[untyped-decorator]
     name=RUN_JOB,
     bind=True,
     acks_late=True,
     reject_on_worker_lost=True,
     ignore_result=True,
 )
-def run_job_task(self: Any, job_id: Any) -> str:
+def run_job_task(self: Any, job_id: str) -> str:
     """Celery entry point: run the job whose id the message carries."""
 
-    def enqueue(next_id: Any) -> None:
-        self.app.send_task(RUN_JOB, args=[next_id], queue="gpu")
+    def enqueue(next_id: str) -> None:
+        self.app.send_task(RUN_JOB, args=[next_id], queue=QUEUE)
 
     hostname = str(self.request.hostname or "worker")
     return run_job(job_id, worker=hostname, enqueue=enqueue).outcome

@@ -27,10 +27,6 @@ import numpy as np
 from app.client import LetheClient, LetheClientError
 
 REPO = Path(__file__).resolve().parents[2]
-PG_ADMIN_URL = os.environ.get(
-    "LETHE_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-)
-REDIS_URL = os.environ.get("LETHE_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 START_TIMEOUT_S = 180.0
 
 
@@ -69,10 +65,11 @@ class Service:
     var_dir: Path
     log_path: Path
     client: LetheClient = field(init=False)
+    client_key: str = field(init=False)
 
     def __post_init__(self) -> None:
-        key = (self.var_dir / "admin.key").read_text().strip()
-        self.client = LetheClient(self.url, key, timeout=30)
+        self.client_key = (self.var_dir / "admin.key").read_text().strip()
+        self.client = LetheClient(self.url, self.client_key, timeout=30)
 
     def logs(self) -> str:
         """Everything `serve` and its children logged so far (for failure messages)."""

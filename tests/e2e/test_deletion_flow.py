@@ -10,14 +10,16 @@ IDs, and re-verify the audit chain.
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from e2e_harness import Service, start_service
+from e2e_harness import REPO, Service, start_service
 
-from app.client import LetheClient
+from app.client import Conflict, LetheClient, NotFound, Unauthorized, Unprocessable
 from engine.checkpoint import load_model
 from engine.datasets import DatasetSpec, load_dataset
 
@@ -39,7 +41,7 @@ def _accuracy_on(path: Path, dataset: Path, ids: list[str], num_classes: int) ->
     return float(np.mean(predicted == data.labels[idx]))
 
 
-def _run_flow(service: Service, dataset: Path, tmp_path: Path) -> None:
+def _run_flow(service: Service, dataset: Path, tmp_path: Path) -> list[str]:
     client: LetheClient = service.client
     client.register_dataset("tiny", "npz", str(dataset), {})
     info = client.get_dataset("tiny")
@@ -102,6 +104,61 @@ def _run_flow(service: Service, dataset: Path, tmp_path: Path) -> None:
     assert seqs == sorted(seqs)
     for prev, cur in zip(events, events[1:], strict=False):
         assert cur["prev_hash"] == prev["hash"]
+    test_id = next(
+        r["sample_id"] for r in client.list_samples("tiny", split="test", limit=1)
+    )
+    _typed_errors(service, train_ids, test_id, request["id"])
+    return train_ids
+
+
+def _typed_errors(service: Service, dataset_ids: list[str], test_id: str, done_req: str) -> None:
+    """The client raises typed errors that carry the problem+json `code`."""
+    client = service.client
+    with pytest.raises(Unprocessable) as unknown:
+        client.create_deletion_request("tiny-cnn", ["no-such-sample", dataset_ids[0]])
+    assert unknown.value.code == "unknown_sample_ids"
+    assert "no-such-sample" in str(unknown.value.problem)
+    with pytest.raises(Unprocessable) as held_out:
+        client.create_deletion_request("tiny-cnn", [test_id])
+    assert held_out.value.code == "test_split_samples"
+    with pytest.raises(NotFound) as missing:
+        client.get_model("no-such-model")
+    assert missing.value.code == "model_not_found"
+    with pytest.raises(Conflict) as late:
+        client.cancel_deletion_request(done_req)
+    assert late.value.code == "not_cancellable"
+    with LetheClient(service.url, "lethe_not-a-real-key") as stranger, pytest.raises(Unauthorized):
+        stranger.list_models()
+
+
+def _cli(service: Service, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(service.env, LETHE_API_KEY=service.client_key)
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", "--url", service.url, *args],
+        capture_output=True, text=True, env=env, timeout=JOB_TIMEOUT_S, cwd=REPO,
+    )
+
+
+def _cli_flow(service: Service, ids: list[str], tmp_path: Path) -> None:
+    """`lethe submit --wait`, `status`, `download`, `audit verify` against the live service."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    done = _cli(service, "submit", "--model", "tiny-cnn", "--ids", *ids, "--wait")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "status succeeded" in done.stdout and "new version v3" in done.stdout
+    assert "acc_forget" in done.stdout and "verdict passed" in done.stdout
+    assert service.client.get_version("tiny-cnn", 3)["parent"] == 2
+    status = _cli(service, "status")
+    assert status.returncode == 0 and "tiny-cnn" in status.stdout
+    got = _cli(service, "download", "--model", "tiny-cnn", "-o", str(tmp_path))
+    assert got.returncode == 0, got.stderr
+    assert (tmp_path / "tiny-cnn-v3.safetensors").is_file()
+    sha = hashlib.sha256((tmp_path / "tiny-cnn-v3.safetensors").read_bytes()).hexdigest()
+    assert sha == service.client.get_version("tiny-cnn", 3)["sha256"] and sha in got.stdout
+    audit = _cli(service, "audit", "verify")
+    assert audit.returncode == 0 and "audit chain OK" in audit.stdout
+    bad = _cli(service, "submit", "--model", "tiny-cnn", "--ids", "no-such-sample")
+    assert bad.returncode == 1 and "unknown_sample_ids" in bad.stderr
+    assert "Traceback" not in bad.stderr
 
 
 def _stop_cleanly(service: Service) -> None:
@@ -112,7 +169,8 @@ def test_deletion_flow_embedded(tiny_npz: Path, tmp_path: Path) -> None:
     """SQLite database, SQL broker, one worker: the whole flow over HTTP."""
     service = start_service({}, tmp_path / "var")
     try:
-        _run_flow(service, tiny_npz, tmp_path)
+        train_ids = _run_flow(service, tiny_npz, tmp_path)
+        _cli_flow(service, train_ids[10:13], tmp_path / "cli")
     finally:
         _stop_cleanly(service)
 

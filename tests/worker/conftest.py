@@ -1,21 +1,16 @@
 """Fixtures for the worker tests: a migrated database, a model store, a tiny dataset.
 
 Every test gets a fresh database: SQLite in its temp folder, or (for the tests parametrised
-with `any_world`) a PostgreSQL database with a random name, created and dropped around it.
-PostgreSQL must be reachable (`LETHE_TEST_PG_ADMIN_URL`, default
-`postgresql+psycopg://postgres@127.0.0.1:5432/postgres`); if it is not, those tests FAIL.
+with `any_world`) its own PostgreSQL database (`pg_database_url` from `tests/conftest.py`),
+which must be reachable: if it is not, those tests FAIL.
 """
 
 from __future__ import annotations
 
-import os
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 from worker_world import World, write_tiny_dataset
 
 from app.db import create_db_engine, create_session_factory
@@ -24,28 +19,6 @@ from app.services import datasets as dataset_service
 from app.services.apikeys import Principal, create_api_key
 from app.settings import Settings
 from models_store import Store
-
-PG_ADMIN_URL = os.environ.get(
-    "LETHE_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-)
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A fresh PostgreSQL database (random name), dropped after the test."""
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    name = f"lethe_worker_{secrets.token_hex(6)}"
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as exc:  # noqa: BLE001
-        pytest.fail(f"PostgreSQL at {PG_ADMIN_URL} is required and unreachable: {exc}")
-    try:
-        yield make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def _world(tmp_path: Path, database_url: str | None) -> Iterator[World]:
@@ -85,4 +58,4 @@ def any_world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]
     if request.param == "sqlite":
         yield from _world(tmp_path, None)
     else:
-        yield from _world(tmp_path, request.getfixturevalue("pg_url"))
+        yield from _world(tmp_path, request.getfixturevalue("pg_database_url"))
