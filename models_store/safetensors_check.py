@@ -102,7 +102,9 @@ def read_header(f: BinaryIO, size: int) -> tuple[dict[str, TensorInfo], dict[str
             or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
             or not 0 <= offsets[0] <= offsets[1] <= data_len
         ):
-            raise InvalidCheckpoint(f"tensor {name!r}: data offsets {offsets!r} out of range (truncated file?)")
+            raise InvalidCheckpoint(
+                f"tensor {name!r}: data offsets {offsets!r} out of range (truncated file?)"
+            )
         if offsets[1] - offsets[0] != math.prod(shape) * ITEMSIZE[dtype]:
             raise InvalidCheckpoint(f"tensor {name!r}: byte length does not match dtype and shape")
         tensors[name] = TensorInfo(dtype, tuple(shape), offsets[0], offsets[1])

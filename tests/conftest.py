@@ -204,8 +204,14 @@ class Deployment:
 
         with self.sessions() as s:
             models.register_model_upload(
-                s, self.store, principal=self.principal, name=name, dataset=self.dataset,
-                architecture="small_cnn", num_classes=4, recipe=RECIPE,
+                s,
+                self.store,
+                principal=self.principal,
+                name=name,
+                dataset=self.dataset,
+                architecture="small_cnn",
+                num_classes=4,
+                recipe=RECIPE,
                 checkpoint=io.BytesIO(checkpoint_bytes()),
                 policy=LENIENT_POLICY if policy is None else policy,
             )
@@ -216,8 +222,12 @@ class Deployment:
 
         with self.sessions() as s:
             return deletions.submit_deletion_request(
-                s, principal=self.principal, settings=self.settings, model=model,
-                sample_ids=ids, **kw,
+                s,
+                principal=self.principal,
+                settings=self.settings,
+                model=model,
+                sample_ids=ids,
+                **kw,
             )
 
     def key(self, scopes: list[str], name: str | None = None) -> str:

@@ -165,14 +165,19 @@ def key_public(row: ApiKey) -> dict[str, Any]:
 def list_api_keys(session: Session) -> list[dict[str, Any]]:
     """Every key, newest first."""
     rows = session.scalars(select(ApiKey).order_by(ApiKey.created_at.desc())).all()
+    items = [key_public(r) for r in rows]
     session.rollback()
-    return [key_public(r) for r in rows]
+    return items
 
 
 def authenticate(session: Session, presented: str) -> Principal | None:
     """The principal for a presented key, or None if unknown or revoked."""
     digest = hash_key(presented)
-    row = session.scalar(select(ApiKey).where(ApiKey.key_hash == digest))
+    row = session.execute(
+        select(ApiKey.id, ApiKey.name, ApiKey.key_hash, ApiKey.scopes, ApiKey.revoked_at).where(
+            ApiKey.key_hash == digest
+        )
+    ).first()
     session.rollback()
     if row is None or not hmac.compare_digest(row.key_hash, digest) or row.revoked_at is not None:
         return None

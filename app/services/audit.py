@@ -208,12 +208,10 @@ def list_events(
     if after is not None:
         stmt = stmt.where(AuditEvent.seq > int(after))
     rows = list(session.scalars(stmt.order_by(AuditEvent.seq).limit(limit + 1)))
-    session.rollback()
     more = len(rows) > limit
-    rows = rows[:limit]
-    return Page(
-        [event_public(e) for e in rows], encode_cursor(rows[-1].seq) if more and rows else None
-    )
+    items = [event_public(e) for e in rows[:limit]]
+    session.rollback()
+    return Page(items, encode_cursor(items[-1]["seq"]) if more and items else None)
 
 
 def export_events(
@@ -231,9 +229,9 @@ def export_events(
         rows = list(
             session.scalars(stmt.where(AuditEvent.seq > after).order_by(AuditEvent.seq).limit(2000))
         )
+        lines = [canonical_json(event_public(e)) + "\n" for e in rows]
         session.rollback()
         if not rows:
             return
-        for e in rows:
-            yield canonical_json(event_public(e)) + "\n"
-        after = rows[-1].seq
+        yield from lines
+        after = json.loads(lines[-1])["seq"]

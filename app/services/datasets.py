@@ -139,10 +139,10 @@ def list_datasets(
     if after is not None:
         stmt = stmt.where(DatasetRow.name > str(after))
     rows = list(session.scalars(stmt.limit(limit + 1)))
-    session.rollback()
     more = len(rows) > limit
-    rows = rows[:limit]
-    return Page([dataset_public(r) for r in rows], encode_cursor(rows[-1].name) if more else None)
+    items = [dataset_public(r) for r in rows[:limit]]
+    session.rollback()
+    return Page(items, encode_cursor(items[-1]["name"]) if more else None)
 
 
 def list_samples(

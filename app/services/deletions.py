@@ -305,8 +305,9 @@ def _load(session: Session, request_id: str, *, lock: bool = False) -> tuple[Del
 def get_deletion_request(session: Session, request_id: str) -> dict[str, Any]:
     """One request's resource."""
     req, name = _load(session, request_id)
+    body = request_public(req, name)
     session.rollback()
-    return request_public(req, name)
+    return body
 
 
 def list_deletion_requests(
@@ -332,12 +333,10 @@ def list_deletion_requests(
     if after is not None:
         stmt = stmt.where(DeletionRequest.id < str(after))
     rows = session.execute(stmt.order_by(DeletionRequest.id.desc()).limit(limit + 1)).all()
-    session.rollback()
     more = len(rows) > limit
-    rows = rows[:limit]
-    return Page(
-        [request_public(r, n) for r, n in rows], encode_cursor(rows[-1][0].id) if more else None
-    )
+    items = [request_public(r, n) for r, n in rows[:limit]]
+    session.rollback()
+    return Page(items, encode_cursor(items[-1]["id"]) if more else None)
 
 
 def cancel_deletion_request(session: Session, request_id: str, *, actor: str) -> dict[str, Any]:
@@ -348,11 +347,11 @@ def cancel_deletion_request(session: Session, request_id: str, *, actor: str) ->
         job = session.scalar(select(Job).where(Job.id == req.job_id).with_for_update())
     req, name = _load(session, request_id, lock=True)
     if req.status not in ("accepted", "queued"):
+        status = req.status
         session.rollback()
         raise NotCancellable(
-            f"request {request_id} is {req.status}; only accepted or queued requests can be "
-            "cancelled",
-            status_now=req.status,
+            f"request {request_id} is {status}; only accepted or queued requests can be cancelled",
+            status_now=status,
         )
     now = utcnow()
     req.status, req.finished_at = "cancelled", now

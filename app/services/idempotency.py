@@ -68,6 +68,8 @@ def begin(
         )
         if existing is None:
             continue
+        state, stored_hash = existing.state, existing.body_hash
+        status_code, response = existing.status_code, existing.response
         stale_flight = existing.state == "in_flight" and (
             (now - existing.created_at).total_seconds() > IN_FLIGHT_TIMEOUT_S
         )
@@ -76,14 +78,14 @@ def begin(
             session.commit()
             continue
         session.rollback()
-        if existing.body_hash != digest:
+        if stored_hash != digest:
             raise IdempotencyKeyMismatch(
                 "this Idempotency-Key was used with a different request body"
             )
-        if existing.state == "in_flight":
+        if state == "in_flight":
             raise IdempotencyInFlight("the first request with this Idempotency-Key is in progress")
-        assert existing.response is not None and existing.status_code is not None
-        return 0, Replay(existing.status_code, existing.response)
+        assert response is not None and status_code is not None
+        return 0, Replay(status_code, response)
     raise IdempotencyInFlight("could not claim the Idempotency-Key; retry")
 
 

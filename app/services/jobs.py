@@ -318,11 +318,12 @@ def claim_job(
             mark_cancelled(session, job_id, actor="sweeper")
             return None
         if current.attempts >= max_attempts:
+            lost = current.attempts
             session.rollback()
             fail_job(
                 session,
                 job_id,
-                error=f"the job's worker was lost {current.attempts} times",
+                error=f"the job's worker was lost {lost} times",
                 code="too_many_attempts",
                 actor="sweeper",
             )
@@ -605,8 +606,9 @@ def complete_job(
         "history_len": len(history or []),
         "created_at": rfc3339(utcnow()),
     }
+    model_name = model.name
     session.rollback()  # release locks (SQLite write lock) while the file is written
-    stored = store.put(model.name, weights, manifest)
+    stored = store.put(model_name, weights, manifest)
 
     job = _job(session, job_id)
     model = _model(session, job.model_id, lock=True)
@@ -941,8 +943,9 @@ def cancel_job(session: Session, job_id: str, *, actor: str) -> dict[str, Any]:
     job = _job(session, job_id, lock=True)
     model = _model(session, job.model_id)
     if job.status in FINAL:
+        status = job.status
         session.rollback()
-        raise NotCancellable(f"job {job_id} is {job.status}", status_now=job.status)
+        raise NotCancellable(f"job {job_id} is {status}", status_now=status)
     if job.status == "queued":
         session.rollback()
         mark_cancelled(session, job_id, actor=actor)

@@ -401,13 +401,11 @@ def list_versions(
         if after is not None:
             stmt = stmt.where(ModelVersion.version < int(after))
         rows = list(session.scalars(stmt.order_by(ModelVersion.version.desc()).limit(limit + 1)))
+        more = len(rows) > limit
+        items = [version_public(model, v) for v in rows[:limit]]
     finally:
         session.rollback()
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return Page(
-        [version_public(model, v) for v in rows], encode_cursor(rows[-1].version) if more else None
-    )
+    return Page(items, encode_cursor(items[-1]["version"]) if more else None)
 
 
 def get_manifest(session: Session, store: Store, name: str, n: str | int) -> dict[str, Any]:

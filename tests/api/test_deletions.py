@@ -127,8 +127,11 @@ def test_already_forgotten_ids_are_counted_and_only_forgotten_succeeds_at_once(
     with deployment.sessions() as s:
         model_id = s.scalar(select(ModelRow.id).where(ModelRow.name == "m"))
         for sid in train[:4]:
-            s.add(Tombstone(model_id=model_id, sample_id=sid, version=1, job_id="job_x",
-                            created_at=utcnow()))
+            s.add(
+                Tombstone(
+                    model_id=model_id, sample_id=sid, version=1, job_id="job_x", created_at=utcnow()
+                )
+            )
         s.commit()
     mixed = deployment.submit("m", train[2:6])
     assert mixed.body["already_forgotten_count"] == 2 and mixed.body["status"] == "queued"
@@ -167,13 +170,19 @@ def test_in_flight_key_is_409(deployment: Any) -> None:
     deployment.upload_model("m")
     train, _ = deployment.ids()
     body = {
-        "model": "m", "sample_ids": train[:2], "subject_ref": None, "reason": None,
-        "method": "feature_constraint", "method_options": {}, "verify": "standard",
+        "model": "m",
+        "sample_ids": train[:2],
+        "subject_ref": None,
+        "reason": None,
+        "method": "feature_constraint",
+        "method_options": {},
+        "verify": "standard",
         "callback_url": None,
     }
     with deployment.sessions() as s:
-        idempotency.begin(s, deployment.principal.id, "k-flight", idempotency.body_hash(body),
-                          ttl_s=3600)
+        idempotency.begin(
+            s, deployment.principal.id, "k-flight", idempotency.body_hash(body), ttl_s=3600
+        )
     with pytest.raises(IdempotencyInFlight) as err:
         deployment.submit("m", train[:2], idempotency_key="k-flight")
     assert err.value.status == 409
@@ -260,16 +269,26 @@ def test_bulk_request_of_many_ids(deployment: Any, tmp_path: Any) -> None:
     n = 24000
     path = tmp_path / "big.npz"
     ids = np.asarray([f"b{i:06d}" for i in range(n)])
-    np.savez(path, x=np.zeros((n, 4, 4), dtype=np.uint8), y=np.arange(n) % 4, ids=ids,
-             split=np.where(np.arange(n) < 22000, "train", "test"))
+    np.savez(
+        path,
+        x=np.zeros((n, 4, 4), dtype=np.uint8),
+        y=np.arange(n) % 4,
+        ids=ids,
+        split=np.where(np.arange(n) < 22000, "train", "test"),
+    )
     with deployment.sessions() as s:
         datasets.register_dataset(s, name="big", kind="npz", uri=str(path), actor="t")
     with deployment.sessions() as s:
         from app.services import models
 
         models.register_model_train(
-            s, principal=deployment.principal, name="bigm", dataset="big",
-            architecture="small_cnn", num_classes=4, recipe={},
+            s,
+            principal=deployment.principal,
+            name="bigm",
+            dataset="big",
+            architecture="small_cnn",
+            num_classes=4,
+            recipe={},
         )
     sub = deployment.submit("bigm", [f"b{i:06d}" for i in range(20000)])
     assert sub.body["sample_count"] == 20000

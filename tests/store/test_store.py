@@ -36,7 +36,10 @@ def test_put_writes_checkpoint_and_manifest_named_by_digest(
     manifest = json.loads(stored.manifest_path.read_bytes())
     assert manifest["sha256"] == stored.sha256 and manifest["size_bytes"] == len(data)
     assert manifest["version"] == 1
-    assert stored.manifest_path.name == hashlib.sha256(stored.manifest_path.read_bytes()).hexdigest() + ".json"
+    assert (
+        stored.manifest_path.name
+        == hashlib.sha256(stored.manifest_path.read_bytes()).hexdigest() + ".json"
+    )
     assert not [f for f in _files(tmp_path) if ".tmp-" in f]
     assert store.verify("m", stored.sha256)
 
