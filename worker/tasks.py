@@ -137,10 +137,7 @@ class _JobReporter:
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(self._heartbeat_interval_s / 2):
             if time.monotonic() - self._last_write >= self._heartbeat_interval_s:
-                try:
-                    self.write(force=True)
-                except Exception:  # the next beat retries; the job itself carries on
-                    log.warning("heartbeat of job %s failed", self._job_id, exc_info=True)
+                self.write(force=True)
 
     # -- engine callbacks -----------------------------------------------------------------
 
@@ -205,6 +202,12 @@ class _JobReporter:
             except StaleAttempt:
                 log.warning("job %s is now owned by another attempt; stopping", self._job_id)
                 self.lost_claim = True
+                return
+            except Exception:
+                # A progress write must not kill the job: the next due write retries it, and
+                # publishing (which must succeed) reports a database that stays unreachable.
+                log.warning("progress write for job %s failed", self._job_id, exc_info=True)
+                self._last_write = time.monotonic()
                 return
             self._last_write = time.monotonic()
             self.writes += 1
