@@ -3,17 +3,15 @@
 Two deployments, one code path:
 - `embedded`: SQLite database and kombu's SQLAlchemy transport on SQLite, in a temp folder.
 - `postgres_redis`: a fresh PostgreSQL database with a random name and a Redis database
-  number nobody else is using. If PostgreSQL or Redis is unreachable the test FAILS: the
-  suite runs against them on every development machine and in CI.
-
-Server URLs for those come from `LETHE_TEST_PG_ADMIN_URL` (default
-`postgresql+psycopg://postgres@127.0.0.1:5432/postgres`) and `LETHE_TEST_REDIS_URL`
-(default `redis://127.0.0.1:6379`).
+  number nobody else is using (fixtures in `tests/conftest.py`). If PostgreSQL or Redis is
+  unreachable the test FAILS: the suite runs against them on every development machine and
+  in CI.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -55,6 +53,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def pid_alive(pid: int) -> bool:
+    """True while process `pid` exists (and is not a zombie of ours)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().split()[2] == "Z")
+
+
 @dataclass
 class Service:
     """A running `lethe serve` (its API and worker children) and an admin client for it."""
@@ -78,6 +90,13 @@ class Service:
             if p.exists():
                 parts.append(f"==== {p.name}\n{p.read_text(errors='replace')[-6000:]}")
         return "\n".join(parts)
+
+    def child_pids(self) -> list[int]:
+        """PIDs of the API and worker children, as their own logs announce them."""
+        logs = self.var_dir / "logs"
+        api = re.search(r"Started server process \[(\d+)\]", _read(logs / "api.log"))
+        worker = re.search(r"lethe-(\d+)@\S+ ready", _read(logs / "worker.log"))
+        return [int(m.group(1)) for m in (api, worker) if m]
 
     def stop(self, timeout: float = 60.0) -> int:
         """Ctrl-C `serve` (SIGINT) and wait; returns its exit status."""

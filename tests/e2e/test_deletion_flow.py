@@ -12,12 +12,13 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from e2e_harness import REPO, Service, start_service
+from e2e_harness import REPO, Service, pid_alive, start_service
 
 from app.client import Conflict, LetheClient, NotFound, Unauthorized, Unprocessable
 from engine.checkpoint import load_model
@@ -162,7 +163,12 @@ def _cli_flow(service: Service, ids: list[str], tmp_path: Path) -> None:
 
 
 def _stop_cleanly(service: Service) -> None:
+    """Ctrl-C on `lethe serve` stops the API and the worker and exits 0."""
+    children = service.child_pids()
+    assert len(children) == 2, service.logs()
     assert service.stop() == 0, service.logs()
+    time.sleep(0.5)
+    assert not [pid for pid in children if pid_alive(pid)], service.logs()
 
 
 def test_deletion_flow_embedded(tiny_npz: Path, tmp_path: Path) -> None:
