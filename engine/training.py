@@ -90,7 +90,7 @@ def train_model(
         opt.step()
         sched.step()
         if reporter is not None:
-            reporter.step(Progress(phase, step, total, losses={"train": float(loss)}))
+            reporter.step(Progress(phase, step, total, losses={"train": float(loss.detach())}))
     model.eval()
     return model, total
 

@@ -50,17 +50,59 @@ def feature_loss(kind: str, student: Tensor, teacher: Tensor) -> Tensor:
     return (1.0 - nn.functional.cosine_similarity(student, teacher, dim=1)).mean()
 
 
-@dataclass(frozen=True)
-class ForgetTarget:
-    """What the forget set should look like once forgotten, and how to measure it cheaply."""
+class ForgetMonitor:
+    """Per-sample 'never trained on' targets for the forget set, and the latest statistics.
 
-    acc: float  # expected top-1 accuracy on the forget set of a model that never saw it
-    member: float  # expected fraction called "member" by the loss-threshold attack
-    loss_threshold: float  # losses below it are called "member"
+    Samples of a class that the retain pool still carries should be called "member" by the
+    attack no more often than held-out samples of their class are (their accuracy is left to
+    generalisation: a retrained model still recognises a typical digit it never saw). Samples
+    of a class that is gone entirely must be neither recognised nor called member.
+    """
 
-    def distance(self, acc: float, member: float) -> float:
-        """How far forget-set statistics are from the target (0 = on target or past it)."""
-        return abs(acc - self.acc) + abs(member - self.member)
+    def __init__(self, target_member: npt.NDArray[np.float64], absent: npt.NDArray[np.bool_],
+                 loss_threshold: float, retain_acc: float) -> None:
+        self.target_member = target_member
+        self.retain_acc = retain_acc  # the original model's accuracy on retained samples
+        self.absent = absent
+        self.loss_threshold = loss_threshold
+        n = len(absent)
+        self.correct = np.zeros(n, dtype=bool)
+        self.member = np.zeros(n, dtype=bool)
+        self.seen = np.zeros(n, dtype=bool)
+
+    def observe(self, positions: npt.NDArray[np.int64], correct: npt.NDArray[np.bool_],
+                losses: npt.NDArray[np.float64]) -> None:
+        self.correct[positions] = correct
+        self.member[positions] = losses < self.loss_threshold
+        self.seen[positions] = True
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.seen.all())
+
+    def stats(self) -> dict[str, float]:
+        present = ~self.absent
+        out = {"forget_acc": float(self.correct.mean()), "forget_member": float(self.member.mean())}
+        if present.any():
+            out["member_excess"] = float(
+                self.member[present].mean() - self.target_member[present].mean())
+        if self.absent.any():
+            out["absent_acc"] = float(self.correct[self.absent].mean())
+            out["absent_member"] = float(self.member[self.absent].mean())
+        return out
+
+    def distance(self) -> float:
+        """How far the forget set is from looking never-trained-on (0 = on target)."""
+        s = self.stats()
+        w = float(self.absent.mean())
+        return (1 - w) * abs(s.get("member_excess", 0.0)) + w * (
+            s.get("absent_acc", 0.0) + s.get("absent_member", 0.0))
+
+    def reached(self, tolerance: float) -> bool:
+        s = self.stats()
+        return (s.get("member_excess", 0.0) <= tolerance
+                and s.get("absent_acc", 0.0) <= tolerance / 2
+                and s.get("absent_member", 0.0) <= tolerance)
 
 
 def _loss_threshold(member: npt.NDArray[np.float64], nonmember: npt.NDArray[np.float64]) -> float:
@@ -75,7 +117,7 @@ def _loss_threshold(member: npt.NDArray[np.float64], nonmember: npt.NDArray[np.f
     return -b / a
 
 
-def forget_target(ctx: UnlearnContext, recovery_idx: npt.NDArray[np.int64], probe: int) -> ForgetTarget:
+def forget_monitor(ctx: UnlearnContext, recovery_idx: npt.NDArray[np.int64], probe: int) -> ForgetMonitor:
     """Measure the 'never trained on' reference with the original model (a few hundred forwards)."""
     rng = ctx.generator(salt=7)
     heldout = rng.permutation(ctx.heldout_idx)[:probe]
@@ -86,19 +128,20 @@ def forget_target(ctx: UnlearnContext, recovery_idx: npt.NDArray[np.int64], prob
     h_member = h_out.losses() < threshold
 
     labels = ctx.data.dataset.labels
-    retained_classes = set(np.unique(labels[ctx.retain_idx]).tolist())
-    h_labels, h_correct = labels[heldout], h_out.correct()
-    overall_acc, overall_member = float(h_correct.mean()), float(h_member.mean())
-    acc, member = [], []
-    for c in labels[ctx.forget_idx]:
-        if c not in retained_classes:
-            acc.append(0.0)
-            member.append(0.0)
-            continue
-        same = h_labels == c
-        acc.append(float(h_correct[same].mean()) if same.any() else overall_acc)
-        member.append(float(h_member[same].mean()) if same.any() else overall_member)
-    return ForgetTarget(float(np.mean(acc)), float(np.mean(member)), threshold)
+    h_labels = labels[heldout]
+    f_labels = labels[ctx.forget_idx]
+    absent = ~np.isin(f_labels, labels[ctx.retain_idx])
+    overall = float(h_member.mean())
+    per_class = {int(c): float(h_member[h_labels == c].mean()) if (h_labels == c).any() else overall
+                 for c in np.unique(f_labels)}
+    target = np.asarray([0.0 if gone else per_class[int(c)]
+                         for c, gone in zip(f_labels, absent, strict=True)])
+    return ForgetMonitor(target, absent, threshold, float(m_out.correct().mean()))
+
+
+def _window_means(history: list[dict[str, Any]]) -> dict[str, float]:
+    steps = [h["losses"] for h in history if "losses" in h]
+    return {k: float(np.mean([s[k] for s in steps])) for k in ("forget", "recover")}
 
 
 def _last_shared_parameter(model: Classifier) -> nn.Parameter:
@@ -124,14 +167,17 @@ class FeatureConstraint(Method):
         recovery_fraction: float = 0.1
         recovery_count: int | None = None
         batch_size: int = 64
+        forget_batch_size: int = 128
         optimizer: str = "sgd"
-        lr: float = 0.01
+        lr: float = 0.001
         momentum: float = 0.9
-        max_epochs: float = 3.0
+        max_epochs: float = 5.0
         min_steps: int = 4
         early_stop: bool = True
         tolerance: float = 0.01
-        heldout_probe: int = 512
+        heldout_probe: int = 256
+        stall_ratio: float = 0.75
+        max_pressure: float = 4.0
 
         def __post_init__(self) -> None:
             if self.balancer not in BALANCERS:
@@ -153,7 +199,7 @@ class FeatureConstraint(Method):
     def run(self, ctx: UnlearnContext) -> MethodOutput:
         cfg = self.config
         recovery_idx = self.recovery_subset(ctx)
-        target = forget_target(ctx, recovery_idx, cfg.heldout_probe)
+        monitor = forget_monitor(ctx, recovery_idx, cfg.heldout_probe)
         model = ctx.student()
         _freeze_batchnorm(model)
         teacher = ctx.teacher()
@@ -163,7 +209,7 @@ class FeatureConstraint(Method):
             [*model.parameters(), *balancer.parameters()], cfg.optimizer, cfg.lr,
             momentum=cfg.momentum,
         )
-        forget_bs = min(cfg.batch_size, len(ctx.forget_idx))
+        forget_bs = min(cfg.forget_batch_size, len(ctx.forget_idx))
         window = math.ceil(len(ctx.forget_idx) / forget_bs)  # one pass over the forget set
         total = max(cfg.min_steps, math.ceil(cfg.max_epochs * window))
         rng = ctx.generator(salt=2)
@@ -175,15 +221,19 @@ class FeatureConstraint(Method):
         position = {int(i): k for k, i in enumerate(ctx.forget_idx)}
 
         history: list[dict[str, Any]] = []
-        window_losses = {"forget": 0.0, "recover": 0.0}
-        window_correct = window_member = window_seen = 0
         best: tuple[float, int, dict[str, Tensor]] | None = None
         stopped_at = None
+        # Samples of a class the retain pool no longer carries must be forgotten outright;
+        # samples of a present class only need to look unseen. Start pushing accordingly.
+        pressure = cfg.max_pressure ** float(monitor.absent.mean())
+        last_pass_gap: float | None = None
+        retain_acc: float | None = None
         forget_order = rng.permutation(ctx.forget_idx)
         for step in range(1, total + 1):
             start = ((step - 1) % window) * forget_bs
             if start == 0 and step > 1:
                 forget_order = rng.permutation(ctx.forget_idx)
+                balancer.end_window(_window_means(history[-window:]))
             f_idx = forget_order[start : start + forget_bs]
             r_idx = rng.choice(recovery_idx, size=min(cfg.batch_size, len(recovery_idx)),
                                replace=False)
@@ -191,8 +241,9 @@ class FeatureConstraint(Method):
             xr, yr = ctx.data.batch(r_idx)
             tf = teacher_feats[[position[int(i)] for i in f_idx]]
             with autocast(ctx.device):
-                feats_f = model.features(xf)
-                logits_r = model(xr)
+                # One forward pass over both batches (BatchNorm is frozen, so it is exact).
+                feats_f, feats_r = model.features(torch.cat([xf, xr])).split([len(xf), len(xr)])
+                logits_r = model.head(feats_r)
                 losses = {
                     "forget": feature_loss(cfg.feature_loss, feats_f.float(), tf),
                     "recover": nn.functional.cross_entropy(logits_r.float(), yr),
@@ -200,10 +251,32 @@ class FeatureConstraint(Method):
             with torch.no_grad():  # the verification signal, read off this forward pass
                 logits_f = model.head(feats_f).float()
                 ce_f = nn.functional.cross_entropy(logits_f, yf, reduction="none")
-                window_correct += int((logits_f.argmax(1) == yf).sum())
-                window_member += int((ce_f < target.loss_threshold).sum())
-                window_seen += len(f_idx)
+                monitor.observe(
+                    np.asarray([position[int(i)] for i in f_idx]),
+                    (logits_f.argmax(1) == yf).cpu().numpy(), ce_f.double().cpu().numpy())
+                batch_acc = float((logits_r.argmax(1) == yr).float().mean())
+                retain_acc = batch_acc if retain_acc is None else 0.7 * retain_acc + 0.3 * batch_acc
+            stats = {**monitor.stats(), "recover_acc": retain_acc}
+            forgotten = monitor.complete and monitor.reached(cfg.tolerance)
+            recovered = retain_acc >= monitor.retain_acc - cfg.tolerance
+            if monitor.complete:
+                gap = monitor.distance() + max(0.0, monitor.retain_acc - retain_acc)
+                if best is None or gap < best[0]:
+                    best = (gap, step, copy.deepcopy(model.state_dict()))
+                if step % window == 0:  # a full pass since the last look: is forgetting stalling?
+                    if last_pass_gap is not None and gap > cfg.stall_ratio * last_pass_gap:
+                        pressure = min(pressure * 2.0, cfg.max_pressure)
+                    last_pass_gap = gap
+            # Stop as soon as the forget set looks never-trained-on and retained data is back
+            # to the original's accuracy; the statistics describe the model as it is now.
+            if cfg.early_stop and step >= cfg.min_steps and forgotten and recovered:
+                stopped_at = step
+                history.append({"step": step, **stats, "stopped": True})
+                break
+            # Forgotten but not yet recovered: spend the step on recovery alone.
+            active_pressure = 0.0 if forgotten else pressure
 
+            losses["forget"] = active_pressure * losses["forget"]
             balancer.before_backward(losses)
             objective = balancer.combine(losses)
             opt.zero_grad(set_to_none=True)
@@ -211,30 +284,11 @@ class FeatureConstraint(Method):
             opt.step()
 
             weights = balancer.weights()
-            values = {k: float(v) for k, v in losses.items()}
-            for k in window_losses:
-                window_losses[k] += values[k]
-            history.append({"step": step, "losses": values, "weights": weights})
+            values = {k: float(v.detach()) for k, v in losses.items()}
+            history.append({"step": step, "losses": values, "weights": weights, **stats})
             ctx.step("unlearning", step, total, values, weights)
 
-            if step % window == 0 or step == total:
-                n_steps = step - (step - 1) // window * window
-                balancer.end_window({k: v / n_steps for k, v in window_losses.items()})
-                acc, member = window_correct / window_seen, window_member / window_seen
-                history[-1]["forget_acc"], history[-1]["forget_member"] = acc, member
-                # Statistics were measured before this window's updates: the model as it
-                # stands now has moved at least this far.
-                gap = target.distance(acc, member)
-                if best is None or gap < best[0]:
-                    best = (gap, step, copy.deepcopy(model.state_dict()))
-                reached = acc <= target.acc + cfg.tolerance and member <= target.member + cfg.tolerance
-                window_losses = {"forget": 0.0, "recover": 0.0}
-                window_correct = window_member = window_seen = 0
-                if cfg.early_stop and reached and step >= cfg.min_steps:
-                    stopped_at = step
-                    break
-
-        steps = history[-1]["step"] if history else 0
+        steps = stopped_at or total
         if stopped_at is None and best is not None and cfg.early_stop:
             model.load_state_dict(best[2])
         model.eval()
@@ -243,9 +297,9 @@ class FeatureConstraint(Method):
             steps=steps,
             history=history,
             extra={
-                "target_acc": target.acc,
-                "target_member": target.member,
-                "loss_threshold": target.loss_threshold,
+                "target_member": float(monitor.target_member.mean()),
+                "absent_fraction": float(monitor.absent.mean()),
+                "loss_threshold": monitor.loss_threshold,
                 "recovery_size": int(len(recovery_idx)),
                 "stopped_early": stopped_at is not None,
                 "selected_step": stopped_at or (best[1] if best else steps),

@@ -1,0 +1,227 @@
+"""`lethe bench`: unlearning quality and cost of every method against retraining.
+
+For each seed the original model is trained once (cached under `--cache`), the scenario's
+forget set is drawn, `retrain` runs as the gold standard, then every method runs on the same
+original and is verified with the same metrics. Printed: mean ± std over seeds of
+acc_forget / acc_retain / acc_test / mia_forget (percent), the avg gap to retrain in points,
+js_original, seconds and time ratio (seconds / retrain seconds, measured in the same run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from engine.archs import Classifier
+from engine.balance import BALANCERS
+from engine.checkpoint import load_model, state_to_bytes
+from engine.datasets import Dataset, DatasetSpec, load_dataset
+from engine.methods import DEFAULT_METHOD, METHODS
+from engine.metrics import GAP_NAMES, gaps
+from engine.runtime import DeviceData, pick_device
+from engine.training import Recipe, timed_train
+from engine.unlearning import unlearn
+
+SCENARIOS = ("random", "class", "small")
+DEFAULT_ARCH = {"mnist5k": "small_cnn", "mnist": "small_cnn", "fashion_mnist": "small_cnn"}
+RANDOM_FRACTION = 0.10
+SMALL_COUNT = 10
+
+
+def forget_set(dataset: Dataset, scenario: str, seed: int) -> npt.NDArray[np.int64]:
+    """The scenario's forget set, drawn reproducibly from `seed`."""
+    train = dataset.train_indices
+    rng = np.random.default_rng([seed, SCENARIOS.index(scenario)])
+    if scenario == "random":
+        return np.sort(rng.choice(train, size=round(RANDOM_FRACTION * len(train)), replace=False))
+    if scenario == "small":
+        return np.sort(rng.choice(train, size=SMALL_COUNT, replace=False))
+    if scenario == "class":
+        return train[dataset.labels[train] == seed % dataset.num_classes]
+    raise ValueError(f"unknown scenario {scenario!r}; known: {SCENARIOS}")
+
+
+def original_model(
+    arch: str, data: DeviceData, recipe: Recipe, cache: Path
+) -> tuple[Classifier, float]:
+    """Train (or load from the cache) the model every method starts from."""
+    ds = data.dataset
+    key = hashlib.sha256(
+        json.dumps([ds.fingerprint(), arch, recipe.to_dict()], sort_keys=True).encode()
+    ).hexdigest()[:16]
+    path = cache / f"{ds.name}-{arch}-{key}.safetensors"
+    meta = path.with_suffix(".json")
+    if path.exists() and meta.exists():
+        model = load_model(arch, ds.num_classes, ds.input_shape, path, device=data.device)
+        return model, float(json.loads(meta.read_text())["seconds"])
+    model, _, seconds = timed_train(arch, ds.num_classes, data, ds.train_indices, recipe)
+    cache.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(state_to_bytes(model))
+    meta.write_text(json.dumps({"seconds": seconds, "recipe": recipe.to_dict()}))
+    return model, seconds
+
+
+def _variants(methods: Sequence[str], ablation: bool) -> list[tuple[str, str, dict[str, Any]]]:
+    """(label, method, options) for each configuration to run."""
+    if ablation:
+        return [(f"{DEFAULT_METHOD}[{b}]", DEFAULT_METHOD, {"balancer": b}) for b in BALANCERS]
+    return [(m, m, {}) for m in methods if m != "retrain"]
+
+
+def run_bench(
+    *,
+    dataset_kind: str,
+    uri: str,
+    scenarios: Sequence[str],
+    seeds: int,
+    methods: Sequence[str],
+    ablation: bool,
+    arch: str,
+    recipe: Recipe,
+    cache: Path,
+    device: str | None,
+    log: Any = sys.stderr,
+) -> list[dict[str, Any]]:
+    """Run the benchmark and return one record per (method, scenario, seed)."""
+    records: list[dict[str, Any]] = []
+    dev = pick_device(device)
+    for seed in range(seeds):
+        ds = load_dataset(DatasetSpec(dataset_kind, uri, {"split_seed": seed}), dataset_kind)
+        data = DeviceData(ds, dev)
+        seed_recipe = Recipe(**{**recipe.to_dict(), "seed": seed})
+        original, train_s = original_model(arch, data, seed_recipe, cache)
+        log.write(f"seed {seed}: original model ready (trained in {train_s:.1f}s)\n")
+        for scenario in scenarios:
+            forget = forget_set(ds, scenario, seed)
+            retain = np.setdiff1d(ds.train_indices, forget)
+            common = dict(arch=arch, num_classes=ds.num_classes, data=data, forget_idx=forget,
+                          retain_idx=retain, recipe=seed_recipe, teacher_seed=10_000 + seed,
+                          seed=seed)
+            ref = unlearn(original, method="retrain", **common)  # type: ignore[arg-type]
+            ref_metrics = ref.metrics
+            records.append(_record("retrain", scenario, seed, ref_metrics, ref_metrics, {}))
+            log.write(f"  {scenario}: retrain {ref.seconds:.2f}s\n")
+            for label, method, options in _variants(methods, ablation):
+                res = unlearn(original, method=method, options=options, **common)  # type: ignore[arg-type]
+                rec = _record(label, scenario, seed, res.metrics, ref_metrics, res.method_config)
+                rec["extra"] = res.extra
+                records.append(rec)
+                log.write(f"  {scenario}: {label} {res.seconds:.2f}s avg_gap {rec['avg_gap']:.2f}\n")
+    return records
+
+
+def _record(
+    method: str,
+    scenario: str,
+    seed: int,
+    metrics: dict[str, Any],
+    reference: dict[str, Any],
+    config: dict[str, Any],
+) -> dict[str, Any]:
+    g = gaps(metrics, reference)
+    return {
+        "method": method,
+        "scenario": scenario,
+        "seed": seed,
+        **{k: metrics[k] for k in ("acc_forget", "acc_retain", "acc_test", "mia_forget",
+                                   "js_original", "zrf", "feature_distance",
+                                   "seconds", "steps", "device")},
+        "avg_gap": 100.0 * g["avg_gap"],
+        "time_ratio": metrics["seconds"] / reference["seconds"],
+        "retrain": {k: reference[k] for k in (*GAP_NAMES, "seconds")},
+        "config": config,
+    }
+
+
+def _ms(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+    arr = np.asarray(values, dtype=float) * scale
+    return f"{arr.mean():.{digits}f} ± {arr.std():.{digits}f}"
+
+
+def format_table(records: list[dict[str, Any]]) -> str:
+    """Markdown table per scenario: mean ± std over seeds."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        groups[(r["scenario"], r["method"])].append(r)
+    lines = []
+    for scenario in dict.fromkeys(r["scenario"] for r in records):
+        n = len({r["seed"] for r in records if r["scenario"] == scenario})
+        lines += [
+            f"\n### {scenario} ({n} seeds; accuracies and MIA in %, mean ± std)\n",
+            "| method | acc_forget | acc_retain | acc_test | mia_forget | avg gap (pt) "
+            "| js_original | seconds | time ratio |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for (scen, method), rs in groups.items():
+            if scen != scenario:
+                continue
+            lines.append(
+                f"| {method} | {_ms([r['acc_forget'] for r in rs], 100)} "
+                f"| {_ms([r['acc_retain'] for r in rs], 100)} "
+                f"| {_ms([r['acc_test'] for r in rs], 100)} "
+                f"| {_ms([r['mia_forget'] for r in rs], 100)} "
+                f"| {_ms([r['avg_gap'] for r in rs])} "
+                f"| {_ms([r['js_original'] for r in rs], 1, 4)} "
+                f"| {_ms([r['seconds'] for r in rs])} "
+                f"| {_ms([r['time_ratio'] for r in rs], 1, 3)} |"
+            )
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lethe bench", description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", default="mnist5k", help="dataset kind (mnist5k, cifar10, npz, ...)")
+    p.add_argument("--uri", default="", help="dataset location for kinds read from disk")
+    p.add_argument("--scenario", default="random",
+                   help=f"one of {', '.join(SCENARIOS)}, a comma list, or 'all'")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--methods", default="all", help="'all' or a comma list of method names")
+    p.add_argument("--ablation", action="store_true",
+                   help=f"compare the balancers ({', '.join(BALANCERS)}) of {DEFAULT_METHOD}")
+    p.add_argument("--arch", default=None, help="architecture (default: small_cnn / resnet18)")
+    p.add_argument("--epochs", type=int, default=Recipe.epochs)
+    p.add_argument("--lr", type=float, default=Recipe.lr)
+    p.add_argument("--batch-size", type=int, default=Recipe.batch_size)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
+    p.add_argument("--cache", type=Path, default=Path("var/bench-cache"))
+    p.add_argument("--json", type=Path, default=None, help="write one record per run here")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    scenarios = SCENARIOS if args.scenario == "all" else tuple(args.scenario.split(","))
+    for s in scenarios:
+        if s not in SCENARIOS:
+            raise SystemExit(f"unknown scenario {s!r}; known: {', '.join(SCENARIOS)}")
+    methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
+    arch = args.arch or DEFAULT_ARCH.get(args.dataset, "resnet18")
+    recipe = Recipe(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size)
+    records = run_bench(
+        dataset_kind=args.dataset, uri=args.uri, scenarios=scenarios, seeds=args.seeds,
+        methods=methods, ablation=args.ablation, arch=arch, recipe=recipe,
+        cache=args.cache, device=args.device,
+    )
+    print(f"lethe bench --dataset {args.dataset} --arch {arch} --seeds {args.seeds} "
+          f"(device {records[0]['device'] if records else '?'}, torch {torch.__version__})")
+    print(format_table(records))
+    if args.json:
+        args.json.write_text(json.dumps(records, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,185 @@
+"""Job-level entry points: what a worker calls for a train or an unlearn job.
+
+Everything here speaks in sample IDs, file paths and bytes, so the caller needs to know
+nothing about tensors: `run_train` makes version 1 (or a retrained version) from a recipe,
+`run_unlearn` makes the next version from a stored checkpoint. Both return a `JobOutput`
+holding the new weights as a safetensors file and the verification evidence.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from engine.archs import build_model
+from engine.checkpoint import load_model, state_to_bytes
+from engine.datasets import Dataset, DatasetSpec, load_dataset
+from engine.errors import InvalidInput
+from engine.methods import DEFAULT_METHOD
+from engine.metrics import infer, verification_metrics
+from engine.runtime import CancelFn, DeviceData, Progress, ProgressFn, Reporter, pick_device
+from engine.training import Recipe, train_model
+from engine.unlearning import unlearn
+
+__all__ = ["JobOutput", "ModelSpec", "Progress", "Recipe", "run_train", "run_unlearn"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered model: its architecture, label count, dataset and training recipe."""
+
+    arch: str
+    num_classes: int
+    dataset: DatasetSpec
+    recipe: Recipe = field(default_factory=Recipe)
+
+
+@dataclass
+class JobOutput:
+    """What a job produced: new weights (safetensors bytes) and the evidence about them."""
+
+    weights: bytes
+    metrics: dict[str, Any]
+    method: str
+    method_config: dict[str, Any]
+    teacher_seed: int | None
+    seconds: float
+    steps: int
+    device: str
+    history: list[dict[str, Any]] = field(default_factory=list)
+    reference: dict[str, Any] | None = None
+    gaps: dict[str, float] | None = None
+
+
+@functools.lru_cache(maxsize=4)
+def _dataset(kind: str, uri: str, options_json: str) -> Dataset:
+    return load_dataset(DatasetSpec(kind, uri, json.loads(options_json)), kind)
+
+
+def cached_dataset(spec: DatasetSpec) -> Dataset:
+    """Load a dataset once per process (workers run many jobs on the same data)."""
+    return _dataset(spec.kind, spec.uri, json.dumps(spec.options, sort_keys=True))
+
+
+def _check_model(spec: ModelSpec, ds: Dataset) -> None:
+    if spec.num_classes < int(ds.labels.max()) + 1:
+        raise InvalidInput(
+            f"the dataset has labels up to {int(ds.labels.max())} but the model has "
+            f"{spec.num_classes} classes"
+        )
+
+
+def _forget_indices(
+    ds: Dataset, forget_ids: Sequence[str], forgotten_ids: Iterable[str]
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    forget = np.unique(ds.deletable_indices(forget_ids))
+    tombstones = set(forgotten_ids) | set(forget_ids)
+    return forget, ds.retain_pool(tombstones)
+
+
+def run_train(
+    spec: ModelSpec,
+    *,
+    exclude_ids: Iterable[str] = (),
+    on_progress: ProgressFn | None = None,
+    should_cancel: CancelFn | None = None,
+    device: str | None = None,
+) -> JobOutput:
+    """Train `spec` from its recipe on the training split minus `exclude_ids`."""
+    reporter = Reporter(on_progress, should_cancel)
+    reporter.report(Progress("loading", 0, 0), force=True)
+    ds = cached_dataset(spec.dataset)
+    _check_model(spec, ds)
+    data = DeviceData(ds, pick_device(device))
+    train_idx = ds.retain_pool(exclude_ids)
+    start = time.perf_counter()
+    model, steps = train_model(spec.arch, spec.num_classes, data, train_idx, spec.recipe,
+                               reporter=reporter)
+    seconds = time.perf_counter() - start
+    reporter.report(Progress("verifying", steps, steps), force=True)
+    metrics: dict[str, Any] = {
+        "acc_retain": float(infer(model, data, train_idx).correct().mean()),
+        "acc_test": float(infer(model, data, ds.test_indices).correct().mean())
+        if len(ds.test_indices) else float("nan"),
+        "seconds": seconds,
+        "steps": steps,
+        "device": str(data.device),
+    }
+    return JobOutput(
+        weights=state_to_bytes(model), metrics=metrics, method="train",
+        method_config={"recipe": spec.recipe.to_dict()}, teacher_seed=None,
+        seconds=seconds, steps=steps, device=str(data.device),
+    )
+
+
+def run_unlearn(
+    spec: ModelSpec,
+    *,
+    checkpoint: Path | str | bytes,
+    forget_ids: Sequence[str],
+    forgotten_ids: Iterable[str],
+    method: str = DEFAULT_METHOD,
+    options: dict[str, Any] | None = None,
+    verify: str = "standard",
+    seed: int = 0,
+    teacher_seed: int | None = None,
+    on_progress: ProgressFn | None = None,
+    should_cancel: CancelFn | None = None,
+    device: str | None = None,
+) -> JobOutput:
+    """Make the checkpoint forget `forget_ids`. `forgotten_ids` are every tombstone of the
+    lineage (they never come back through recovery); the job's own IDs are added to them."""
+    reporter = Reporter(on_progress, should_cancel)
+    reporter.report(Progress("loading", 0, 0), force=True)
+    ds = cached_dataset(spec.dataset)
+    _check_model(spec, ds)
+    data = DeviceData(ds, pick_device(device))
+    forget_idx, retain_idx = _forget_indices(ds, forget_ids, forgotten_ids)
+    original = load_model(spec.arch, spec.num_classes, ds.input_shape, checkpoint,
+                          device=data.device)
+    t_seed = seed if teacher_seed is None else teacher_seed
+    result = unlearn(
+        original, arch=spec.arch, num_classes=spec.num_classes, data=data,
+        forget_idx=forget_idx, retain_idx=retain_idx, recipe=spec.recipe, method=method,
+        options=options, teacher_seed=t_seed, seed=seed, verify=verify, reporter=reporter,
+    )
+    return JobOutput(
+        weights=state_to_bytes(result.model), metrics=result.metrics, method=result.method,
+        method_config=result.method_config, teacher_seed=t_seed, seconds=result.seconds,
+        steps=result.steps, device=str(data.device), history=result.history,
+        reference=result.reference, gaps=result.gaps,
+    )
+
+
+def evaluate_checkpoint(
+    spec: ModelSpec,
+    checkpoint: Path | str | bytes,
+    *,
+    forget_ids: Sequence[str],
+    forgotten_ids: Iterable[str] = (),
+    teacher_seed: int = 0,
+    original: Path | str | bytes | None = None,
+    device: str | None = None,
+) -> dict[str, float]:
+    """Recompute the verification metrics of a stored checkpoint (e.g. a downloaded one)."""
+    ds = cached_dataset(spec.dataset)
+    data = DeviceData(ds, pick_device(device))
+    forget_idx, retain_idx = _forget_indices(ds, forget_ids, forgotten_ids)
+    model = load_model(spec.arch, spec.num_classes, ds.input_shape, checkpoint, device=data.device)
+    base = (load_model(spec.arch, spec.num_classes, ds.input_shape, original, device=data.device)
+            if original is not None else model)
+    teacher = build_model(spec.arch, spec.num_classes, ds.input_shape, seed=teacher_seed)
+    with torch.no_grad():
+        return verification_metrics(
+            model, original=base, teacher=teacher.to(data.device).eval(), data=data,
+            forget_idx=forget_idx, retain_idx=retain_idx, test_idx=ds.test_indices,
+        )
