@@ -235,9 +235,7 @@ class Deployment:
         from app.services.apikeys import create_api_key
 
         with self.sessions() as s:
-            return create_api_key(
-                s, name or f"k-{secrets.token_hex(4)}", scopes, settings=self.settings
-            ).key
+            return create_api_key(s, name or f"k-{secrets.token_hex(4)}", scopes, settings=self.settings).key
 
 
 def make_deployment(tmp_path: Path, database_url: str | None, **settings_kw: Any) -> Deployment:
@@ -265,9 +263,7 @@ def make_deployment(tmp_path: Path, database_url: str | None, **settings_kw: Any
     path = write_npz_dataset(tmp_path / "tiny.npz")
     with sessions() as s:
         datasets.register_dataset(s, name="tiny", kind="npz", uri=str(path), actor="test-admin")
-    return Deployment(
-        settings, engine, sessions, Store(settings.store_path), principal, created.key, path
-    )
+    return Deployment(settings, engine, sessions, Store(settings.store_path), principal, created.key, path)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -66,14 +66,20 @@ def append_event(
 ) -> AuditEvent:
     """Add an event to the chain inside the caller's transaction (committed with it).
 
-    Call it last in a transaction: on PostgreSQL it holds the chain lock until commit.
+    Call it late in a transaction: on PostgreSQL it holds the chain lock until commit. The
+    head is remembered for the rest of the transaction, so further events cost one INSERT.
     """
-    if is_postgres(session):
-        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_KEY})
-    head = session.execute(
-        select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)
-    ).first()
-    seq, prev = (head[0] + 1, head[1]) if head else (1, GENESIS)
+    txn = session.get_transaction()
+    cached = session.info.get("audit_head")
+    if cached is not None and txn is not None and cached[0] is txn:
+        seq, prev = cached[1] + 1, cached[2]
+    else:
+        if is_postgres(session):
+            session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_KEY})
+        head = session.execute(
+            select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)
+        ).first()
+        seq, prev = (head[0] + 1, head[1]) if head else (1, GENESIS)
     payload = json.loads(canonical_json(data or {}))
     at = rfc3339(utcnow())
     assert at is not None
@@ -101,6 +107,7 @@ def append_event(
     )
     session.add(event)
     session.flush()
+    session.info["audit_head"] = (session.get_transaction(), seq, event.hash)
     return event
 
 

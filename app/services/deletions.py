@@ -36,10 +36,11 @@ from app.services.callbacks import check_callback_url, enqueue_callback
 from app.services.common import (
     Page,
     bulk_insert,
+    count_matching,
     decode_cursor,
     encode_cursor,
+    matching_values,
     new_id,
-    select_column_in,
 )
 from app.services.jobs import cancel_in_transaction, create_job
 from app.services.policy import METHOD_NAMES
@@ -160,28 +161,42 @@ def _create(
         check_callback_url(callback_url, settings)
 
     m = _lock_model(session, model)
-    found = select_column_in(
+    # Count first: the common case (every ID a known training sample) moves no rows back.
+    train_count = count_matching(
         session,
-        "SELECT sample_id, split FROM samples WHERE dataset_id = :ds AND sample_id {in}",
+        "samples",
+        "sample_id",
         sample_ids,
-        {"ds": m.dataset_id},
+        where="t.dataset_id = :ds AND t.split = 'train'",
+        params={"ds": m.dataset_id},
     )
-    split_of = {r[0]: r[1] for r in found}
-    if len(split_of) != len(sample_ids):
+    if train_count != len(sample_ids):
+        split_of = {
+            r[0]: r[1]
+            for r in matching_values(
+                session,
+                "samples",
+                "sample_id",
+                sample_ids,
+                where="t.dataset_id = :ds",
+                params={"ds": m.dataset_id},
+                select="sample_id, split",
+            )
+        }
+        session.rollback()
         unknown = [s for s in sample_ids if s not in split_of]
-        session.rollback()
-        raise UnknownSampleIds(unknown)
-    held_out = [s for s, sp in split_of.items() if sp != "train"]
-    if held_out:
-        session.rollback()
-        raise TestSplitSamples(held_out)
+        if unknown:
+            raise UnknownSampleIds(unknown)
+        raise TestSplitSamples([s for s, sp in split_of.items() if sp != "train"])
     forgotten = {
         r[0]
-        for r in select_column_in(
+        for r in matching_values(
             session,
-            "SELECT sample_id FROM tombstones WHERE model_id = :m AND sample_id {in}",
+            "tombstones",
+            "sample_id",
             sample_ids,
-            {"m": m.id},
+            where="t.model_id = :m",
+            params={"m": m.id},
         )
     }
     now = utcnow()

@@ -163,12 +163,6 @@ def upgrade() -> None:
         sa.Column("request_id", sa.String(40), nullable=False),
         sa.Column("sample_id", sa.String(200), nullable=False),
         sa.Column("already_forgotten", sa.Boolean(), nullable=False),
-        sa.ForeignKeyConstraint(
-            ["request_id"],
-            ["deletion_requests.id"],
-            name="fk_request_samples_request_id_deletion_requests",
-            ondelete="CASCADE",
-        ),
         sa.PrimaryKeyConstraint("request_id", "sample_id", name="pk_request_samples"),
     )
     op.create_table(

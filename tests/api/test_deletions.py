@@ -127,11 +127,7 @@ def test_already_forgotten_ids_are_counted_and_only_forgotten_succeeds_at_once(
     with deployment.sessions() as s:
         model_id = s.scalar(select(ModelRow.id).where(ModelRow.name == "m"))
         for sid in train[:4]:
-            s.add(
-                Tombstone(
-                    model_id=model_id, sample_id=sid, version=1, job_id="job_x", created_at=utcnow()
-                )
-            )
+            s.add(Tombstone(model_id=model_id, sample_id=sid, version=1, job_id="job_x", created_at=utcnow()))
         s.commit()
     mixed = deployment.submit("m", train[2:6])
     assert mixed.body["already_forgotten_count"] == 2 and mixed.body["status"] == "queued"
@@ -180,9 +176,7 @@ def test_in_flight_key_is_409(deployment: Any) -> None:
         "callback_url": None,
     }
     with deployment.sessions() as s:
-        idempotency.begin(
-            s, deployment.principal.id, "k-flight", idempotency.body_hash(body), ttl_s=3600
-        )
+        idempotency.begin(s, deployment.principal.id, "k-flight", idempotency.body_hash(body), ttl_s=3600)
     with pytest.raises(IdempotencyInFlight) as err:
         deployment.submit("m", train[:2], idempotency_key="k-flight")
     assert err.value.status == 409

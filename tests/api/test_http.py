@@ -150,9 +150,7 @@ def test_deletion_request_http_flow(api: tuple[TestClient, Any], make_checkpoint
     assert client.get("/v1/jobs", params={"model": "m"}).json()["items"][0]["id"] == job["id"]
     cancelled = client.post(f"/v1/deletion-requests/{created['id']}/cancel")
     assert cancelled.status_code == 202 and cancelled.json()["status"] == "cancelled"
-    _is_problem(
-        client.post(f"/v1/deletion-requests/{created['id']}/cancel"), 409, "not_cancellable"
-    )
+    _is_problem(client.post(f"/v1/deletion-requests/{created['id']}/cancel"), 409, "not_cancellable")
     assert client.get(f"/v1/jobs/{created['job_id']}").json()["status"] == "cancelled"
     _is_problem(client.post(f"/v1/jobs/{created['job_id']}/cancel"), 409, "not_cancellable")
     _is_problem(client.get("/v1/deletion-requests/dr_missing"), 404, "request_not_found")
@@ -232,9 +230,7 @@ def test_datasets_endpoints(api: tuple[TestClient, Any], tmp_path: Any) -> None:
     tiny = client.get("/v1/datasets/tiny").json()
     assert tiny["num_samples"] == 160 and tiny["num_classes"] == 4
     assert tiny["splits"] == {"train": 120, "test": 40}
-    page = client.get(
-        "/v1/datasets/tiny/samples", params={"split": "test", "label": 2, "limit": 4}
-    ).json()
+    page = client.get("/v1/datasets/tiny/samples", params={"split": "test", "label": 2, "limit": 4}).json()
     assert len(page["items"]) == 4 and page["next_cursor"]
     assert all(s["split"] == "test" and s["label"] == 2 for s in page["items"])
     rest = client.get(
@@ -247,27 +243,19 @@ def test_datasets_endpoints(api: tuple[TestClient, Any], tmp_path: Any) -> None:
     )
     assert created.status_code == 201 and created.json()["num_samples"] == 160
     _is_problem(
-        client.post(
-            "/v1/datasets", json={"name": "digits", "kind": "npz", "uri": str(dep.dataset_path)}
-        ),
+        client.post("/v1/datasets", json={"name": "digits", "kind": "npz", "uri": str(dep.dataset_path)}),
         409,
     )
+    _is_problem(client.post("/v1/datasets", json={"name": "x", "kind": "nope"}), 422, "unknown_name")
     _is_problem(
-        client.post("/v1/datasets", json={"name": "x", "kind": "nope"}), 422, "unknown_name"
-    )
-    _is_problem(
-        client.post(
-            "/v1/datasets", json={"name": "y", "kind": "npz", "uri": str(tmp_path / "missing.npz")}
-        ),
+        client.post("/v1/datasets", json={"name": "y", "kind": "npz", "uri": str(tmp_path / "missing.npz")}),
         422,
     )
     _is_problem(client.post("/v1/datasets", json={"name": "../etc", "kind": "npz"}), 422)
     _is_problem(client.get("/v1/datasets/nope"), 404, "dataset_not_found")
 
 
-def test_model_registration_and_bad_uploads(
-    api: tuple[TestClient, Any], make_checkpoint: Any
-) -> None:
+def test_model_registration_and_bad_uploads(api: tuple[TestClient, Any], make_checkpoint: Any) -> None:
     client, dep = api
     good = make_checkpoint()
     created = _upload(client, "m", good)
@@ -366,13 +354,9 @@ def test_versions_manifest_and_download(api: tuple[TestClient, Any], make_checkp
     assert part.headers["content-range"] == f"bytes 10-99/{len(v2)}"
     tail = client.get("/v1/models/m/versions/2/checkpoint", headers={"Range": "bytes=-16"})
     assert tail.status_code == 206 and tail.content == v2[-16:]
-    open_end = client.get(
-        "/v1/models/m/versions/2/checkpoint", headers={"Range": f"bytes={len(v2) - 5}-"}
-    )
+    open_end = client.get("/v1/models/m/versions/2/checkpoint", headers={"Range": f"bytes={len(v2) - 5}-"})
     assert open_end.content == v2[-5:]
-    same = client.get(
-        "/v1/models/m/versions/2/checkpoint", headers={"Range": "bytes=0-3", "If-Range": etag}
-    )
+    same = client.get("/v1/models/m/versions/2/checkpoint", headers={"Range": "bytes=0-3", "If-Range": etag})
     assert same.status_code == 206 and same.content == v2[:4]
     changed = client.get(
         "/v1/models/m/versions/2/checkpoint", headers={"Range": "bytes=0-3", "If-Range": '"other"'}
@@ -384,16 +368,12 @@ def test_versions_manifest_and_download(api: tuple[TestClient, Any], make_checkp
     assert cached.status_code == 304 and cached.content == b""
     v1 = client.get("/v1/models/m/versions/1/checkpoint")
     assert v1.content == data and v1.headers["content-disposition"].endswith('m-v1.safetensors"')
-    events = client.get(
-        "/v1/audit", params={"action": "checkpoint.downloaded", "limit": 100}
-    ).json()["items"]
+    events = client.get("/v1/audit", params={"action": "checkpoint.downloaded", "limit": 100}).json()["items"]
     assert len(events) == 8 and {e["data"]["version"] for e in events} == {1, 2}
     assert all(e["actor"] == "test-admin" for e in events)
 
 
-def test_audit_endpoints_and_tamper_detection(
-    api: tuple[TestClient, Any], make_checkpoint: Any
-) -> None:
+def test_audit_endpoints_and_tamper_detection(api: tuple[TestClient, Any], make_checkpoint: Any) -> None:
     client, dep = api
     _upload(client, "m", make_checkpoint())
     train, _ = dep.ids()
@@ -409,9 +389,7 @@ def test_audit_endpoints_and_tamper_detection(
     assert [e["action"] for e in by_req] == ["request.accepted", "request.queued"]
     assert by_req[0]["actor"] == "test-admin" and by_req[0]["data"]["sample_count"] == 2
     by_model = client.get("/v1/audit", params={"model": "m"}).json()["items"]
-    assert {"model.registered", "model.version.published", "job.queued"} <= {
-        e["action"] for e in by_model
-    }
+    assert {"model.registered", "model.version.published", "job.queued"} <= {e["action"] for e in by_model}
     assert client.get("/v1/audit", params={"since": "2999-01-01T00:00:00Z"}).json()["items"] == []
     export = client.get("/v1/audit/export")
     assert export.headers["content-type"].startswith("application/x-ndjson")
@@ -423,15 +401,11 @@ def test_audit_endpoints_and_tamper_detection(
     with dep.engine.begin() as conn:
         if dep.backend == "postgresql":
             conn.execute(text("ALTER TABLE audit_events DISABLE TRIGGER USER"))
-            conn.execute(
-                text("UPDATE audit_events SET actor = 'mallory' WHERE seq = :s"), {"s": target}
-            )
+            conn.execute(text("UPDATE audit_events SET actor = 'mallory' WHERE seq = :s"), {"s": target})
             conn.execute(text("ALTER TABLE audit_events ENABLE TRIGGER USER"))
         else:
             conn.execute(text("DROP TRIGGER audit_events_no_update"))
-            conn.execute(
-                text("UPDATE audit_events SET actor = 'mallory' WHERE seq = :s"), {"s": target}
-            )
+            conn.execute(text("UPDATE audit_events SET actor = 'mallory' WHERE seq = :s"), {"s": target})
             conn.execute(
                 text(
                     "CREATE TRIGGER audit_events_no_update BEFORE UPDATE ON audit_events "

@@ -80,8 +80,7 @@ def test_two_concurrent_claimers_one_wins(deployment: Any) -> None:
                 out.append(t)
 
         threads = [
-            threading.Thread(target=claim, args=(f"w{i}", sub.enqueue_job_id, barrier, won))
-            for i in range(4)
+            threading.Thread(target=claim, args=(f"w{i}", sub.enqueue_job_id, barrier, won)) for i in range(4)
         ]
         for t in threads:
             t.start()
@@ -119,9 +118,7 @@ def test_jobs_of_a_model_run_strictly_in_order(deployment: Any, make_checkpoint:
     assert chain == [(1, None), (2, 1), (3, 2)]
 
 
-def test_complete_publishes_version_tombstones_and_audit(
-    deployment: Any, make_checkpoint: Any
-) -> None:
+def test_complete_publishes_version_tombstones_and_audit(deployment: Any, make_checkpoint: Any) -> None:
     deployment.upload_model("m")
     train, _ = deployment.ids()
     a = deployment.submit("m", train[:3], callback_url="https://example.org/hook")
@@ -172,9 +169,7 @@ def test_complete_publishes_version_tombstones_and_audit(
     assert report.ok and report.checked == len(actions)
 
 
-def test_a_second_child_of_the_same_parent_is_refused(
-    deployment: Any, make_checkpoint: Any
-) -> None:
+def test_a_second_child_of_the_same_parent_is_refused(deployment: Any, make_checkpoint: Any) -> None:
     deployment.upload_model("m")
     train, _ = deployment.ids()
     first = deployment.submit("m", train[:2])
@@ -297,9 +292,7 @@ def test_progress_and_cooperative_cancel(deployment: Any, make_checkpoint: Any) 
         assert s.scalars(select(ModelVersion.version)).all() == [1]
 
 
-def test_failed_verdict_publishes_nothing_and_keeps_evidence(
-    deployment: Any, make_checkpoint: Any
-) -> None:
+def test_failed_verdict_publishes_nothing_and_keeps_evidence(deployment: Any, make_checkpoint: Any) -> None:
     deployment.upload_model("m", policy={"max_acc_forget": 0.1})
     train, _ = deployment.ids()
     sub = deployment.submit("m", train[:2])
@@ -400,9 +393,7 @@ def test_unlearn_without_a_version_fails_cleanly(deployment: Any) -> None:
     pending = deployment.submit("t", train[:2])
     _claim(deployment, reg.job_id)
     with deployment.sessions() as s:
-        assert jobs.fail_job(s, reg.job_id, error="boom", code="worker_error") == [
-            pending.enqueue_job_id
-        ]
+        assert jobs.fail_job(s, reg.job_id, error="boom", code="worker_error") == [pending.enqueue_job_id]
     assert _claim(deployment, pending.enqueue_job_id) is None
     with deployment.sessions() as s:
         job = jobs.get_job(s, pending.enqueue_job_id)
@@ -440,9 +431,6 @@ def test_exhausted_attempts_fail_the_job(deployment: Any) -> None:
             s.execute(update(Job).values(heartbeat_at=utcnow() - timedelta(seconds=999)))
             s.commit()
     with deployment.sessions() as s:
-        assert (
-            jobs.claim_job(s, sub.enqueue_job_id, "w9", heartbeat_timeout_s=60, max_attempts=2)
-            is None
-        )
+        assert jobs.claim_job(s, sub.enqueue_job_id, "w9", heartbeat_timeout_s=60, max_attempts=2) is None
         job = jobs.get_job(s, sub.enqueue_job_id)
     assert job["status"] == "failed" and job["error"]["code"] == "too_many_attempts"

@@ -70,9 +70,7 @@ def test_audit_triggers_refuse_update_and_delete(empty_url: str) -> None:
             with pytest.raises(DBAPIError, match="append-only"), engine.begin() as conn:
                 conn.execute(text("TRUNCATE audit_events"))
         with engine.connect() as conn:
-            row = conn.execute(
-                text("SELECT actor, count(*) FROM audit_events GROUP BY actor")
-            ).one()
+            row = conn.execute(text("SELECT actor, count(*) FROM audit_events GROUP BY actor")).one()
         assert tuple(row) == ("a", 1)
     finally:
         engine.dispose()

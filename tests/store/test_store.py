@@ -23,9 +23,7 @@ def _files(root: Path) -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
 
 
-def test_put_writes_checkpoint_and_manifest_named_by_digest(
-    tmp_path: Path, make_checkpoint: Any
-) -> None:
+def test_put_writes_checkpoint_and_manifest_named_by_digest(tmp_path: Path, make_checkpoint: Any) -> None:
     data = make_checkpoint()
     store = Store(tmp_path)
     stored = store.put("m", data, {"architecture": ARCH, "version": 1})
@@ -37,8 +35,7 @@ def test_put_writes_checkpoint_and_manifest_named_by_digest(
     assert manifest["sha256"] == stored.sha256 and manifest["size_bytes"] == len(data)
     assert manifest["version"] == 1
     assert (
-        stored.manifest_path.name
-        == hashlib.sha256(stored.manifest_path.read_bytes()).hexdigest() + ".json"
+        stored.manifest_path.name == hashlib.sha256(stored.manifest_path.read_bytes()).hexdigest() + ".json"
     )
     assert not [f for f in _files(tmp_path) if ".tmp-" in f]
     assert store.verify("m", stored.sha256)
