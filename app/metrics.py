@@ -30,9 +30,7 @@ class JobCollector(Collector):
                     select(Job.kind, Job.status, func.count()).group_by(Job.kind, Job.status)
                 ).all()
                 durations = s.execute(
-                    select(
-                        Job.kind, Job.status, func.count(), func.coalesce(func.sum(Job.seconds), 0)
-                    )
+                    select(Job.kind, Job.status, func.count(), func.coalesce(func.sum(Job.seconds), 0))
                     .where(Job.seconds.is_not(None))
                     .group_by(Job.kind, Job.status)
                 ).all()
@@ -58,7 +56,7 @@ class JobCollector(Collector):
             labels=["kind", "outcome"],
         )
         for kind, st, n, total in durations:
-            dur.add_metric([kind, st], count_value=n, sum_value=float(total))
+            dur.add_metric([kind, st], count_value=n, sum_value=float(total or 0.0))
         yield dur
 
 

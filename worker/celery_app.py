@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from celery import Celery
-from kombu import Queue
+from kombu import Queue  # type: ignore[attr-defined]
 
 if TYPE_CHECKING:
     from app.settings import Settings
@@ -29,7 +29,7 @@ def create_celery(settings: Settings, *, include: list[str] | None = None) -> Ce
     app = Celery("lethe", broker=broker, include=include or [])
     app.conf.update(
         task_default_queue=QUEUE,
-        task_queues=[Queue(QUEUE)],
+        task_queues=[Queue(QUEUE)],  # type: ignore[no-untyped-call]
         task_routes={RUN_JOB: {"queue": QUEUE}},
         task_acks_late=True,
         task_reject_on_worker_lost=True,

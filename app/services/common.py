@@ -86,8 +86,7 @@ def _restricted(
             return [(sql, json.dumps(list(values)))]
         return [(f"FROM {table} t WHERE t.{column} = ANY(:values) AND {where}", list(values))]
     return [
-        (f"FROM {table} t WHERE t.{column} IN :values AND {where}", list(part))
-        for part in chunks(values)
+        (f"FROM {table} t WHERE t.{column} IN :values AND {where}", list(part)) for part in chunks(values)
     ]
 
 
@@ -159,7 +158,7 @@ def bulk_insert(session: Session, table: Table, rows: Iterable[dict[str, Any]]) 
         return 0
     columns = list(rows[0])
     if is_postgres(session):
-        dbapi = session.connection().connection.dbapi_connection
+        dbapi: Any = session.connection().connection.dbapi_connection  # a psycopg connection
         assert dbapi is not None
         cols = ", ".join(f'"{c}"' for c in columns)
         with dbapi.cursor() as cur, cur.copy(f'COPY "{table.name}" ({cols}) FROM STDIN') as copy:

@@ -148,9 +148,7 @@ def _pending_forget_ids(session: Session, job: Job) -> list[str]:
 def _tombstoned(session: Session, model_id: int) -> list[str]:
     return list(
         session.scalars(
-            select(Tombstone.sample_id)
-            .where(Tombstone.model_id == model_id)
-            .order_by(Tombstone.sample_id)
+            select(Tombstone.sample_id).where(Tombstone.model_id == model_id).order_by(Tombstone.sample_id)
         )
     )
 
@@ -308,11 +306,7 @@ def claim_job(
     if current is None or current.status in FINAL:
         session.rollback()
         return None
-    if (
-        current.status == "running"
-        and current.heartbeat_at is not None
-        and current.heartbeat_at < cutoff
-    ):
+    if current.status == "running" and current.heartbeat_at is not None and current.heartbeat_at < cutoff:
         if current.cancel_requested:
             session.rollback()
             mark_cancelled(session, job_id, actor="sweeper")
@@ -362,9 +356,7 @@ def claim_job(
     if claimed.rowcount != 1:  # type: ignore[attr-defined]
         session.rollback()
         return None
-    job = session.scalar(
-        select(Job).where(Job.id == job_id).execution_options(populate_existing=True)
-    )
+    job = session.scalar(select(Job).where(Job.id == job_id).execution_options(populate_existing=True))
     assert job is not None
     model = _model(session, job.model_id)
     dataset = session.get(DatasetRow, model.dataset_id)
@@ -541,9 +533,9 @@ def complete_job(
     _check_attempt(job, attempt, worker)
     if job.cancel_requested:
         session.rollback()
-        nxt = mark_cancelled(session, job_id)
+        after_cancel = mark_cancelled(session, job_id)
         return CompletionResult(
-            job_id, False, "cancelled", {}, next_job_id=_first(nxt), enqueue=nxt
+            job_id, False, "cancelled", {}, next_job_id=_first(after_cancel), enqueue=after_cancel
         )
     model = _model(session, job.model_id)
     dataset = session.get(DatasetRow, model.dataset_id)
@@ -751,9 +743,7 @@ def _fail_verdict(
             session.add(JobRequest(job_id=fallback.id, request_id=req.id))
         session.flush()
     else:
-        _finish_requests(
-            session, job, model, requests, status="failed", actor=actor, error=job.error
-        )
+        _finish_requests(session, job, model, requests, status="failed", actor=actor, error=job.error)
     append_event(
         session,
         actor=actor,
@@ -830,9 +820,7 @@ def cancel_in_transaction(session: Session, job: Job, model: ModelRow, *, actor:
     """Cancel `job` and its open requests inside the caller's transaction (no commit)."""
     job.status, job.phase, job.finished_at = "cancelled", "done", utcnow()
     session.flush()
-    _finish_requests(
-        session, job, model, _open_requests(session, job.id), status="cancelled", actor=actor
-    )
+    _finish_requests(session, job, model, _open_requests(session, job.id), status="cancelled", actor=actor)
     append_event(
         session,
         actor=actor,
@@ -857,9 +845,7 @@ def mark_cancelled(session: Session, job_id: str, *, actor: str | None = None) -
     return [nxt] if nxt else []
 
 
-def find_stale_jobs(
-    session: Session, *, queued_grace_s: float, heartbeat_timeout_s: float
-) -> list[str]:
+def find_stale_jobs(session: Session, *, queued_grace_s: float, heartbeat_timeout_s: float) -> list[str]:
     """Jobs whose broker message may be lost: claimable `queued` jobs last enqueued more than
     `queued_grace_s` ago, and `running` jobs whose heartbeat is older than
     `heartbeat_timeout_s` (their worker died)."""
