@@ -28,6 +28,8 @@ from app.settings import Settings, get_settings
 from worker.celery_app import create_celery
 
 QUEUE = "gpu"
+#: How often the embedded worker polls the SQL broker's message table.
+SQL_POLL_INTERVAL_S = 0.25
 
 
 def build_worker_app(settings: Settings) -> Celery:
@@ -41,6 +43,12 @@ def build_worker_app(settings: Settings) -> Celery:
         worker_pool="solo",
         worker_hijack_root_logger=False,
     )
+    if settings.broker_url.startswith("sqla+"):
+        # The SQL transport polls its table (1 s by default); a quarter second keeps the
+        # embedded dispatch latency well under a second for one cheap query per tick.
+        options = dict(app.conf.broker_transport_options or {})
+        options.setdefault("polling_interval", SQL_POLL_INTERVAL_S)
+        app.conf.broker_transport_options = options
     return app
 
 
