@@ -5,15 +5,27 @@ from __future__ import annotations
 from typing import Any
 
 from engine.errors import UnknownName
+from engine.methods.bad_teacher import BadTeacher
 from engine.methods.base import Method, MethodOutput, UnlearnContext
 from engine.methods.feature_constraint import FeatureConstraint
+from engine.methods.finetune import Finetune
+from engine.methods.neggrad_plus import NegGradPlus
 from engine.methods.retrain import Retrain
+from engine.methods.scrub import Scrub
+from engine.methods.ssd import SelectiveSynapticDampening
+from engine.methods.unsir import Unsir
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls
     for cls in (
         FeatureConstraint,
         Retrain,
+        Finetune,
+        NegGradPlus,
+        BadTeacher,
+        Scrub,
+        Unsir,
+        SelectiveSynapticDampening,
     )
 }
 DEFAULT_METHOD = FeatureConstraint.name

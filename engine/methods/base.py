@@ -123,6 +123,23 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
+def freeze_batchnorm(model: nn.Module) -> nn.Module:
+    """Keep BatchNorm running statistics as trained (their affine weights still train).
+
+    Forget, noise or mixed batches would otherwise shift the statistics every retained
+    sample is normalised with. A model without BatchNorm is unaffected.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    return model
+
+
+def seed_from(ctx: UnlearnContext, salt: int) -> int:
+    """An integer seed (for `Sampler`, `torch.Generator`) drawn from `ctx.generator(salt)`."""
+    return int(ctx.generator(salt).integers(2**31 - 1))
+
+
 def kl_to(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
     """KL(teacher || student) on temperature-softened distributions, batch mean."""
     t = temperature
