@@ -45,10 +45,12 @@ def build_worker_app(settings: Settings) -> Celery:
     )
     if settings.broker_url.startswith("sqla+"):
         # The SQL transport polls its table (1 s by default); a quarter second keeps the
-        # embedded dispatch latency well under a second for one cheap query per tick.
-        options = dict(app.conf.broker_transport_options or {})
-        options.setdefault("polling_interval", SQL_POLL_INTERVAL_S)
-        app.conf.broker_transport_options = options
+        # embedded dispatch latency well under a second for one cheap query per tick. Set on
+        # the transport class because kombu's SQLAlchemy transport forwards every transport
+        # option, `polling_interval` included, to `create_engine`, which refuses it.
+        from kombu.transport import sqlalchemy as sql_transport
+
+        sql_transport.Transport.polling_interval = SQL_POLL_INTERVAL_S
     return app
 
 
