@@ -13,7 +13,7 @@ import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import select, text
@@ -184,9 +184,7 @@ def verify_chain(session: Session) -> ChainReport:
     return ChainReport(first_bad is None, checked, head_seq, head_hash, first_bad)
 
 
-def _filtered(
-    model: str | None, request_id: str | None, action: str | None, since: datetime | None
-) -> Any:
+def _filtered(model: str | None, request_id: str | None, action: str | None, since: datetime | None) -> Any:
     stmt = select(AuditEvent)
     if model:
         stmt = stmt.where(AuditEvent.model == model)
@@ -195,6 +193,8 @@ def _filtered(
     if action:
         stmt = stmt.where(AuditEvent.action == action)
     if since:
+        if since.tzinfo is None:  # a bare timestamp is read as UTC, like every stored one
+            since = since.replace(tzinfo=UTC)
         stmt = stmt.where(AuditEvent.at >= rfc3339(since))
     return stmt
 
@@ -233,9 +233,7 @@ def export_events(
     stmt = _filtered(model, request_id, action, since)
     after = 0
     while True:
-        rows = list(
-            session.scalars(stmt.where(AuditEvent.seq > after).order_by(AuditEvent.seq).limit(2000))
-        )
+        rows = list(session.scalars(stmt.where(AuditEvent.seq > after).order_by(AuditEvent.seq).limit(2000)))
         lines = [canonical_json(event_public(e)) + "\n" for e in rows]
         session.rollback()
         if not rows:

@@ -236,3 +236,38 @@ def test_the_api_layer_never_imports_torch() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
+
+
+def test_lifespan_runs_the_sweeper_loop(sqlite_deployment: Any) -> None:
+    """With the background loops on, a job whose message is lost is sent again."""
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    dep = sqlite_deployment
+    dep.upload_model("m")
+    train, _ = dep.ids()
+    sub = dep.submit("m", train[:2])  # submitted behind the API's back: never enqueued
+    dep.settings.run_background_loops = True
+    dep.settings.sweeper_interval_s = 0.2
+    dep.settings.queued_grace_s = 0.0
+    app = create_app(dep.settings)
+    received: list[Any] = []
+    with TestClient(app):
+        deadline = time.monotonic() + 20
+        with app.state.dispatcher.celery.connection_for_read() as conn:
+            queue = conn.SimpleQueue(QUEUE)
+            while not received and time.monotonic() < deadline:
+                try:
+                    msg = queue.get(timeout=1)
+                except queue.Empty:
+                    continue
+                received.append(msg.payload[0])
+                msg.ack()
+            queue.close()
+    assert received and received[0] == [sub.enqueue_job_id]
+    with dep.sessions() as s:
+        job = s.get(Job, sub.enqueue_job_id)
+        assert job is not None and job.enqueued_at is not None
