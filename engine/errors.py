@@ -44,6 +44,7 @@ class UnknownSampleIds(_SampleIdError):
 
 
 class TestSplitSamples(_SampleIdError):
+    __test__ = False  # a name, not a test case
     code = "test_split_samples"
     noun = "sample IDs of the held-out test split, which was never trained on"
 

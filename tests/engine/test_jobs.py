@@ -1,0 +1,79 @@
+"""The job entry points the worker calls: IDs in, safetensors bytes and evidence out."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine.checkpoint import load_model
+from engine.datasets import DatasetSpec
+from engine.errors import Cancelled, TestSplitSamples, UnknownSampleIds
+from engine.jobs import ModelSpec, evaluate_checkpoint, run_train, run_unlearn
+from engine.metrics import METRIC_NAMES
+from engine.training import Recipe
+
+
+@pytest.fixture(scope="module")
+def spec(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    templates = rng.random((3, 12, 12)) > 0.5
+    labels = np.repeat(np.arange(3), 50)
+    x = np.clip(templates[labels] + rng.normal(0, 0.3, (150, 12, 12)), 0, 1).astype(np.float32)
+    split = np.where(np.arange(150) % 50 < 40, "train", "test")
+    path = tmp_path_factory.mktemp("data") / "tiny.npz"
+    np.savez(path, x=x, y=labels, ids=np.asarray([f"s{i:03d}" for i in range(150)]), split=split)
+    return ModelSpec("small_cnn", 3, DatasetSpec("npz", str(path)),
+                     Recipe(epochs=6, batch_size=16, lr=0.05, seed=0))
+
+
+@pytest.fixture(scope="module")
+def trained(spec):
+    phases = []
+    out = run_train(spec, on_progress=lambda p: phases.append(p.phase), device="cpu")
+    return out, phases
+
+
+def test_train_job_returns_loadable_weights_and_metrics(spec, trained):
+    out, phases = trained
+    assert phases[0] == "loading" and "training" in phases and phases[-1] == "verifying"
+    model = load_model("small_cnn", 3, (1, 12, 12), out.weights)
+    assert model.head.out_features == 3
+    assert out.metrics["acc_test"] > 0.9 and out.steps == 6 * 8
+    assert out.method == "train" and out.metrics["device"] == "cpu"
+
+
+def test_unlearn_job_verifies_against_retraining(spec, trained):
+    forget = ["s000", "s001", "s002", "s050", "s051"]
+    progress = []
+    out = run_unlearn(spec, checkpoint=trained[0].weights, forget_ids=forget, forgotten_ids=[],
+                      verify="retrain", seed=4, on_progress=progress.append, device="cpu")
+    assert set(METRIC_NAMES) <= set(out.metrics)
+    assert {"seconds", "steps", "device"} <= set(out.metrics)
+    assert out.reference is not None and out.gaps is not None
+    assert out.gaps["avg_gap"] == pytest.approx(
+        np.mean([abs(out.metrics[k] - out.reference[k])
+                 for k in ("acc_forget", "acc_retain", "acc_test", "mia_forget")]))
+    assert out.method == "feature_constraint" and out.teacher_seed == 4
+    assert {p.phase for p in progress} >= {"loading", "unlearning", "verifying"}
+    steps = [p for p in progress if p.phase == "unlearning"]
+    assert steps and set(steps[0].losses) == {"forget", "recover"}
+    assert set(steps[0].weights) == {"forget", "recover"}
+    # The published weights are exactly the ones the metrics describe.
+    again = evaluate_checkpoint(spec, out.weights, forget_ids=forget, teacher_seed=4,
+                                original=trained[0].weights)
+    for name in METRIC_NAMES:
+        assert again[name] == pytest.approx(out.metrics[name], abs=1e-9), name
+
+
+def test_unlearn_job_refuses_ids_it_cannot_forget(spec, trained):
+    kw = dict(checkpoint=trained[0].weights, forgotten_ids=[], device="cpu")
+    with pytest.raises(UnknownSampleIds):
+        run_unlearn(spec, forget_ids=["s000", "zzz"], **kw)
+    with pytest.raises(TestSplitSamples):
+        run_unlearn(spec, forget_ids=["s045"], **kw)  # index 45 % 50 >= 40: test split
+
+
+def test_cancellation_stops_the_job(spec, trained):
+    with pytest.raises(Cancelled):
+        run_unlearn(spec, checkpoint=trained[0].weights, forget_ids=["s003"], forgotten_ids=[],
+                    should_cancel=lambda: True, device="cpu")
