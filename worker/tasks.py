@@ -242,27 +242,31 @@ def _execute(ticket: job_service.JobTicket, reporter: _JobReporter) -> JobOutput
         num_classes=int(ticket.num_classes),
         dataset=DatasetSpec(
             kind=ticket.dataset_kind,
-            uri=ticket.dataset_uri or "",
-            options=dict(ticket.dataset_options or {}),
+            uri=ticket.dataset_uri,
+            options=dict(ticket.dataset_options),
         ),
         recipe=Recipe.from_dict(dict(ticket.recipe)),
     )
-    if ticket.kind in ("train", "retrain"):
+    if ticket.kind == "train" or ticket.base_checkpoint is None:
         return run_train(
             spec,
-            exclude_ids=list(ticket.forgotten_ids or []),
+            exclude_ids=list(ticket.forgotten_ids),
             on_progress=reporter.on_progress,
             should_cancel=reporter.should_cancel,
         )
+    # `unlearn` and `retrain` jobs both go through `run_unlearn` (for `retrain` the method is
+    # `retrain`: a fresh model trained from the stored recipe on the retain pool), so every
+    # deletion job reports the full DESIGN.md section 2 metrics its verdict is judged on.
     return run_unlearn(
         spec,
         checkpoint=ticket.base_checkpoint,
         forget_ids=list(ticket.forget_ids),
-        forgotten_ids=list(ticket.forgotten_ids or []),
+        forgotten_ids=list(ticket.forgotten_ids),
         method=ticket.method,
-        options=dict(ticket.method_options or {}),
+        options=dict(ticket.method_options),
         verify=ticket.verify,
         seed=ticket.teacher_seed,
+        teacher_seed=ticket.teacher_seed,
         on_progress=reporter.on_progress,
         should_cancel=reporter.should_cancel,
     )

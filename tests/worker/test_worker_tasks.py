@@ -191,6 +191,14 @@ def test_failed_verdict_enqueues_the_fallback_job(world: World) -> None:
     assert fallback.kind == "retrain" and fallback.status == "queued"
     assert fallback.fallback_of == job_id and fallback.enqueued_at is not None
     assert world.job(job_id).error["code"] == "verdict_failed"  # type: ignore[index]
+    # The fallback retrains from the recipe without the IDs, and is judged the same way.
+    again = run_job(fallback.id, worker="w1", settings=world.settings, sessions=world.sessions,
+                    store=world.store, enqueue=world.enqueue)
+    assert again.outcome == "failed"
+    retrained = world.job(fallback.id)
+    assert retrained.status == "failed" and retrained.error["code"] == "verdict_failed"  # type: ignore[index]
+    assert {"acc_forget", "acc_retain", "acc_test", "mia_forget"} <= set(retrained.metrics or {})
+    assert [v.version for v in world.versions()] == [1]
 
 
 def test_celery_task_is_registered_late_acked_and_runs_the_job(
