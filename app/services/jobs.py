@@ -529,7 +529,7 @@ def complete_job(
     them to a new job running the policy's `fallback_method`.
     """
     job_id = str(job_id)
-    job = _job(session, job_id)
+    job = _job(session, job_id, lock=True)
     _check_attempt(job, attempt, worker)
     if job.cancel_requested:
         session.rollback()
@@ -598,19 +598,23 @@ def complete_job(
         "history_len": len(history or []),
         "created_at": rfc3339(utcnow()),
     }
-    model_name = model.name
+    model_name, model_id = model.name, model.id
     session.rollback()  # release locks (SQLite write lock) while the file is written
     stored = store.put(model_name, weights, manifest)
 
-    job = _job(session, job_id)
-    model = _model(session, job.model_id, lock=True)
+    model = _model(session, model_id, lock=True)
+    job = _job(session, job_id, lock=True)
     _check_attempt(job, attempt, worker)
-    if model.latest_version != job.base_version:
+    if job.cancel_requested:  # cancelled while the file was written: publish nothing
         session.rollback()
-        raise Conflict(
-            f"model {model.name} moved to v{model.latest_version} while job {job_id} ran "
-            f"on v{job.base_version}"
+        after_cancel = mark_cancelled(session, job_id)
+        return CompletionResult(
+            job_id, False, "cancelled", {}, next_job_id=_first(after_cancel), enqueue=after_cancel
         )
+    if model.latest_version != job.base_version:
+        latest, base = model.latest_version, job.base_version
+        session.rollback()
+        raise Conflict(f"model {model_name} moved to v{latest} while job {job_id} ran on v{base}")
     now = utcnow()
     version = ModelVersion(
         model_id=model.id,
@@ -627,13 +631,12 @@ def complete_job(
         created_at=now,
     )
     session.add(version)
+    base = job.base_version
     try:
         session.flush()
     except IntegrityError:
         session.rollback()
-        raise Conflict(
-            f"model {model.name} already has a child of v{job.base_version}; refusing a fork"
-        ) from None
+        raise Conflict(f"model {model_name} already has a child of v{base}; refusing a fork") from None
     bulk_insert(
         session,
         Tombstone.__table__,  # type: ignore[arg-type]
