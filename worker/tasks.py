@@ -172,8 +172,8 @@ class _JobReporter:
     # -- the write ------------------------------------------------------------------------
 
     def _eta(self) -> float | None:
-        if self._step <= 0 or self._total <= self._step:
-            return None
+        if self._step < 2 or self._total <= self._step:
+            return None  # one step says nothing about the rate yet
         elapsed = time.monotonic() - self._phase_started
         return round(elapsed / self._step * (self._total - self._step), 1)
 
