@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -52,7 +52,7 @@ class BadTeacher(Method):
                 raise InvalidInput("temperature, lr, epochs and batch_size must be positive")
 
     def run(self, ctx: UnlearnContext) -> MethodOutput:
-        cfg = self.config
+        cfg = cast("BadTeacher.Config", self.config)
         rng = ctx.generator(salt=1)
         n_retain = max(1, math.ceil(cfg.retain_fraction * len(ctx.retain_idx)))
         retain_sub = rng.choice(ctx.retain_idx, size=n_retain, replace=False)

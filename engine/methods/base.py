@@ -11,7 +11,7 @@ import copy
 import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -123,7 +123,10 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def freeze_batchnorm(model: nn.Module) -> nn.Module:
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
+def freeze_batchnorm(model: ModuleT) -> ModuleT:
     """Keep BatchNorm running statistics as trained (their affine weights still train).
 
     Forget, noise or mixed batches would otherwise shift the statistics every retained

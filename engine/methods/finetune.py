@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
@@ -48,7 +48,7 @@ class Finetune(Method):
                 raise InvalidInput("weight_decay must be >= 0 and momentum in [0, 1)")
 
     def run(self, ctx: UnlearnContext) -> MethodOutput:
-        cfg = self.config
+        cfg = cast("Finetune.Config", self.config)
         model = ctx.student()
         opt = make_optimizer(model.parameters(), cfg.optimizer, cfg.lr,
                              momentum=cfg.momentum, weight_decay=cfg.weight_decay)

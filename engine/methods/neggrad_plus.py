@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
@@ -62,7 +62,7 @@ class NegGradPlus(Method):
                 raise InvalidInput("weight_decay must be >= 0 and momentum in [0, 1)")
 
     def run(self, ctx: UnlearnContext) -> MethodOutput:
-        cfg = self.config
+        cfg = cast("NegGradPlus.Config", self.config)
         model = freeze_batchnorm(ctx.student())
         opt = make_optimizer(model.parameters(), cfg.optimizer, cfg.lr,
                              momentum=cfg.momentum, weight_decay=cfg.weight_decay)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -79,7 +79,7 @@ class Scrub(Method):
                 raise InvalidInput("retain_fraction must be in (0, 1]")
 
     def run(self, ctx: UnlearnContext) -> MethodOutput:
-        cfg = self.config
+        cfg = cast("Scrub.Config", self.config)
         rng = ctx.generator(salt=1)
         n_retain = max(1, math.ceil(cfg.retain_fraction * len(ctx.retain_idx)))
         max_per_epoch = math.ceil(len(ctx.forget_idx) / cfg.forget_batch_size)

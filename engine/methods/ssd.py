@@ -27,7 +27,7 @@ ceil(|Df| / 64) forget batches, about one epoch of forward and backward passes (
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -56,7 +56,7 @@ class SelectiveSynapticDampening(Method):
                 raise InvalidInput("full_max_samples must be positive when given")
 
     def run(self, ctx: UnlearnContext) -> MethodOutput:
-        cfg = self.config
+        cfg = cast("SelectiveSynapticDampening.Config", self.config)
         full_idx = np.concatenate([ctx.forget_idx, ctx.retain_idx]).astype(np.int64)
         if cfg.full_max_samples is not None and len(full_idx) > cfg.full_max_samples:
             full_idx = np.sort(ctx.generator(salt=1).choice(full_idx, cfg.full_max_samples,

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -100,7 +100,7 @@ class Unsir(Method):
                 raise InvalidInput("retain_fraction must be in (0, 1]")
 
     def run(self, ctx: UnlearnContext) -> MethodOutput:
-        cfg = self.config
+        cfg = cast("Unsir.Config", self.config)
         rng = ctx.generator(salt=1)
         labels_np = noise_labels(ctx.data.dataset.labels[ctx.forget_idx], cfg.noise_batch_size)
         n_retain = max(1, math.ceil(cfg.retain_fraction * len(ctx.retain_idx)))
@@ -160,7 +160,7 @@ class Unsir(Method):
     def _train(self, model: nn.Module, ctx: UnlearnContext, x: Tensor, y: Tensor, lr: float,
                steps: int, rng: np.random.Generator, report: Any) -> None:
         """`steps` CE steps over (x, y) in shuffled batches (a fresh shuffle per pass)."""
-        cfg = self.config
+        cfg = cast("Unsir.Config", self.config)
         opt = make_optimizer(model.parameters(), cfg.optimizer, lr)
         per_pass = math.ceil(len(y) / cfg.batch_size)
         order = torch.from_numpy(rng.permutation(len(y))).to(ctx.device)
