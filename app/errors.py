@@ -210,6 +210,7 @@ def install_handlers(app: Any) -> None:
     from fastapi import Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
+    from sqlalchemy.exc import DataError
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     def render(request: Request, err: LetheError) -> JSONResponse:
@@ -247,6 +248,9 @@ def install_handlers(app: Any) -> None:
         err.code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return render(request, err)
 
+    async def on_data_error(request: Request, exc: Exception) -> JSONResponse:
+        return render(request, InvalidInput("a value cannot be stored (for example a NUL character)"))
+
     async def on_unhandled(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return render(request, LetheError())
@@ -255,4 +259,5 @@ def install_handlers(app: Any) -> None:
     app.add_exception_handler(engine_errors.EngineError, on_engine)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(DataError, on_data_error)
     app.add_exception_handler(Exception, on_unhandled)

@@ -131,9 +131,7 @@ def create_admin_key(
 
 def revoke_api_key(session: Session, name_or_id: str, *, actor: str = "cli") -> dict[str, Any]:
     """Revoke a key by name or id; later requests with it get 401."""
-    row = session.scalar(
-        select(ApiKey).where((ApiKey.name == name_or_id) | (ApiKey.id == name_or_id))
-    )
+    row = session.scalar(select(ApiKey).where((ApiKey.name == name_or_id) | (ApiKey.id == name_or_id)))
     if row is None:
         session.rollback()
         raise NotFound(f"no API key {name_or_id!r}")

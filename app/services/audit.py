@@ -211,7 +211,7 @@ def list_events(
 ) -> Page[dict[str, Any]]:
     """Events in chain order, filtered, one page at a time."""
     stmt = _filtered(model, request_id, action, since)
-    after = decode_cursor(cursor)
+    after = decode_cursor(cursor, int)
     if after is not None:
         stmt = stmt.where(AuditEvent.seq > int(after))
     rows = list(session.scalars(stmt.order_by(AuditEvent.seq).limit(limit + 1)))

@@ -117,10 +117,7 @@ def deliver_due(
                 update(CallbackDelivery)
                 .where(CallbackDelivery.id == delivery_id)
                 .where(CallbackDelivery.status == "pending")
-                .where(
-                    (CallbackDelivery.lease_until.is_(None))
-                    | (CallbackDelivery.lease_until < utcnow())
-                )
+                .where((CallbackDelivery.lease_until.is_(None)) | (CallbackDelivery.lease_until < utcnow()))
                 .values(lease_until=utcnow() + timedelta(seconds=LEASE_S))
             )
             session.commit()

@@ -46,15 +46,18 @@ def encode_cursor(value: Any) -> str:
     return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
 
 
-def decode_cursor(cursor: str | None) -> Any:
-    """The sort key a cursor stands for; 400 for garbage."""
+def decode_cursor(cursor: str | None, kind: type = str) -> Any:
+    """The sort key a cursor stands for (of type `kind`); 400 for anything else."""
     if not cursor:
         return None
     try:
         pad = "=" * (-len(cursor) % 4)
-        return json.loads(base64.urlsafe_b64decode(cursor + pad))
+        value = json.loads(base64.urlsafe_b64decode(cursor + pad))
     except (ValueError, UnicodeDecodeError):
         raise BadRequest("invalid cursor") from None
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise BadRequest("invalid cursor")
+    return value
 
 
 def is_postgres(session: Session) -> bool:

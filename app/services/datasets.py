@@ -70,6 +70,9 @@ def register_dataset(
         ds = load_dataset(DatasetSpec(kind=kind, uri=uri, options=options), name)
     except engine_errors.EngineError as exc:
         raise to_lethe_error(exc) from None
+    except (TypeError, ValueError, IndexError, OverflowError, KeyError, OSError) as exc:
+        # Adapter options come from the caller; a bad one is their input error, not ours.
+        raise InvalidInput(f"cannot load the dataset with these options: {exc}") from None
     sizes = ds.split_sizes()
     c, h, w = ds.input_shape
     row = DatasetRow(
@@ -98,9 +101,7 @@ def register_dataset(
         Sample.__table__,  # type: ignore[arg-type]
         (
             {"dataset_id": row.id, "sample_id": str(s), "split": str(sp), "label": int(lb)}
-            for s, sp, lb in zip(
-                ds.ids.tolist(), ds.splits.tolist(), ds.labels.tolist(), strict=True
-            )
+            for s, sp, lb in zip(ds.ids.tolist(), ds.splits.tolist(), ds.labels.tolist(), strict=True)
         ),
     )
     append_event(
@@ -135,9 +136,7 @@ def get_dataset(session: Session, name: str) -> dict[str, Any]:
         session.rollback()
 
 
-def list_datasets(
-    session: Session, *, limit: int, cursor: str | None = None
-) -> Page[dict[str, Any]]:
+def list_datasets(session: Session, *, limit: int, cursor: str | None = None) -> Page[dict[str, Any]]:
     """Datasets by name."""
     stmt = select(DatasetRow).order_by(DatasetRow.name)
     after = decode_cursor(cursor)
@@ -162,9 +161,7 @@ def list_samples(
     """A dataset's samples by ID, optionally of one split and/or label."""
     try:
         ds = get_dataset_row(session, name)
-        stmt = select(Sample.sample_id, Sample.split, Sample.label).where(
-            Sample.dataset_id == ds.id
-        )
+        stmt = select(Sample.sample_id, Sample.split, Sample.label).where(Sample.dataset_id == ds.id)
         if split is not None:
             stmt = stmt.where(Sample.split == split)
         if label is not None:

@@ -219,10 +219,7 @@ def _create(
     bulk_insert(
         session,
         RequestSample.__table__,  # type: ignore[arg-type]
-        (
-            {"request_id": req.id, "sample_id": s, "already_forgotten": s in forgotten}
-            for s in sample_ids
-        ),
+        ({"request_id": req.id, "sample_id": s, "already_forgotten": s in forgotten} for s in sample_ids),
     )
     digest = hashlib.sha256("\n".join(sorted(sample_ids)).encode()).hexdigest()
     enqueue: str | None = None
@@ -335,9 +332,7 @@ def list_deletion_requests(
     cursor: str | None = None,
 ) -> Page[dict[str, Any]]:
     """Requests, newest first, filtered."""
-    stmt = select(DeletionRequest, ModelRow.name).join(
-        ModelRow, ModelRow.id == DeletionRequest.model_id
-    )
+    stmt = select(DeletionRequest, ModelRow.name).join(ModelRow, ModelRow.id == DeletionRequest.model_id)
     if model:
         stmt = stmt.where(ModelRow.name == model)
     if status:

@@ -79,9 +79,7 @@ def begin(
             continue
         session.rollback()
         if stored_hash != digest:
-            raise IdempotencyKeyMismatch(
-                "this Idempotency-Key was used with a different request body"
-            )
+            raise IdempotencyKeyMismatch("this Idempotency-Key was used with a different request body")
         if state == "in_flight":
             raise IdempotencyInFlight("the first request with this Idempotency-Key is in progress")
         assert response is not None and status_code is not None
@@ -89,9 +87,7 @@ def begin(
     raise IdempotencyInFlight("could not claim the Idempotency-Key; retry")
 
 
-def finish(
-    session: Session, row_id: int, status_code: int, body: dict[str, Any], request_id: str
-) -> None:
+def finish(session: Session, row_id: int, status_code: int, body: dict[str, Any], request_id: str) -> None:
     """Store the response in the caller's transaction."""
     row = session.get(IdempotencyKey, row_id)
     assert row is not None

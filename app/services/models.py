@@ -372,9 +372,7 @@ def _version(session: Session, model: ModelRow, n: str | int) -> ModelVersion:
         except (TypeError, ValueError):
             raise VersionNotFound(f"no version {n!r}; use a number or 'latest'") from None
     v = session.scalar(
-        select(ModelVersion)
-        .where(ModelVersion.model_id == model.id)
-        .where(ModelVersion.version == number)
+        select(ModelVersion).where(ModelVersion.model_id == model.id).where(ModelVersion.version == number)
     )
     if v is None:
         raise VersionNotFound(f"model {model.name} has no version {number}")
@@ -397,7 +395,7 @@ def list_versions(
     try:
         model = _model_by_name(session, name)
         stmt = select(ModelVersion).where(ModelVersion.model_id == model.id)
-        after = decode_cursor(cursor)
+        after = decode_cursor(cursor, int)
         if after is not None:
             stmt = stmt.where(ModelVersion.version < int(after))
         rows = list(session.scalars(stmt.order_by(ModelVersion.version.desc()).limit(limit + 1)))
@@ -436,9 +434,7 @@ def checkpoint_file(session: Session, store: Store, name: str, n: str | int) -> 
         session.rollback()
 
 
-def record_download(
-    session: Session, ck: CheckpointFile, *, actor: str, byte_range: str | None
-) -> None:
+def record_download(session: Session, ck: CheckpointFile, *, actor: str, byte_range: str | None) -> None:
     """Audit one checkpoint download."""
     append_event(
         session,

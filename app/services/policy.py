@@ -106,8 +106,6 @@ def evaluate(
     return {
         "status": "failed" if failed else "passed",
         "passed": not failed,
-        "reasons": [
-            f"{c['check']}: {c['value']} is outside the limit {c['limit']}" for c in failed
-        ],
+        "reasons": [f"{c['check']}: {c['value']} is outside the limit {c['limit']}" for c in failed],
         "checks": checks,
     }

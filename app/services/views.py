@@ -39,9 +39,7 @@ def job_public(session: Session, job: Job, model_name: str) -> dict[str, Any]:
     """A job as API.md describes it."""
     request_ids = list(
         session.scalars(
-            select(JobRequest.request_id)
-            .where(JobRequest.job_id == job.id)
-            .order_by(JobRequest.request_id)
+            select(JobRequest.request_id).where(JobRequest.job_id == job.id).order_by(JobRequest.request_id)
         )
     )
     phase = job.phase

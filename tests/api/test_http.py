@@ -493,3 +493,34 @@ def test_upload_accepts_form_fields_instead_of_metadata(
     )
     assert resp.status_code == 201, resp.text
     assert resp.json()["recipe"]["epochs"] == 3
+
+
+def test_hostile_strings_and_cursors_are_4xx(api: tuple[TestClient, Any]) -> None:
+    client, dep = api
+    safe = TestClient(client.app, raise_server_exceptions=False)
+    safe.headers["Authorization"] = f"Bearer {dep.admin_key}"
+    for path in (
+        "/v1/deletion-requests?model=a%00b",
+        "/v1/jobs/a%00b",
+        "/v1/audit?action=%00",
+        "/v1/deletion-requests/x%00",
+        "/v1/datasets/tiny/samples?cursor=NQ",  # a cursor holding an int where a name belongs
+        "/v1/models/m/versions?cursor=ImEi",  # a string where a version number belongs
+        "/v1/audit?cursor=%%%",
+    ):
+        resp = safe.get(path)
+        assert resp.status_code < 500, (path, resp.status_code, resp.text)
+        if "cursor" in path or dep.backend == "postgresql":
+            assert 400 <= resp.status_code < 500, (path, resp.status_code)
+            assert resp.headers["content-type"].startswith(PROBLEM)
+    for body in (
+        {"model": "a\x00", "sample_ids": ["x"]},
+        {"model": "tiny", "sample_ids": ["x\x00"]},
+        {"model": "tiny", "sample_ids": ["x"], "subject_ref": "\x00"},
+    ):
+        resp = safe.post("/v1/deletion-requests", json=body)
+        assert 400 <= resp.status_code < 500, (body, resp.text)
+    resp = safe.post("/v1/datasets", json={"name": "d2", "kind": "npz", "uri": "/x\x00y"})
+    _is_problem(resp, 422)
+    resp = safe.post("/v1/datasets", json={"name": "d3", "kind": "mnist5k", "options": {"split_seed": "x"}})
+    _is_problem(resp, 422)
