@@ -287,3 +287,32 @@ def test_bulk_request_of_many_ids(deployment: Any, tmp_path: Any) -> None:
     sub = deployment.submit("bigm", [f"b{i:06d}" for i in range(20000)])
     assert sub.body["sample_count"] == 20000
     assert _count(deployment, RequestSample, RequestSample.request_id == sub.body["id"]) == 20000
+
+
+def test_concurrent_requests_for_one_model_share_one_job(deployment: Any) -> None:
+    deployment.upload_model("m")
+    train, _ = deployment.ids()
+    errors: list[BaseException] = []
+    job_ids: list[str] = []
+    gate = threading.Barrier(6)
+
+    def post(i: int) -> None:
+        gate.wait()
+        try:
+            for j in range(4):
+                sub = deployment.submit("m", [train[i * 4 + j]])
+                job_ids.append(sub.body["job_id"])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=post, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(job_ids) == 24 and len(set(job_ids)) == 1
+    assert _count(deployment, Job) == 1 and _count(deployment, DeletionRequest) == 24
+    with deployment.sessions() as s:
+        ticket = jobs.claim_job(s, job_ids[0], "w", heartbeat_timeout_s=60)
+    assert ticket is not None and ticket.forget_ids == sorted(train[:24])
