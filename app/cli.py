@@ -365,7 +365,17 @@ def bootstrap_demo(client: LetheClient, *, show: ProgressBar | None = None) -> N
     print(_fmt_metrics(job.get("metrics")))
 
 
-def _print_welcome(url: str, key_file: Path) -> None:
+def _example_ids(client: LetheClient) -> list[str]:
+    """Four training-split IDs of the demo dataset for the copy-paste examples."""
+    try:
+        rows = client.list_samples(DEMO_DATASET["name"], split="train", limit=4)  # type: ignore[arg-type]
+    except LetheClientError:
+        return []
+    return [str(r["sample_id"]) for r in rows]
+
+
+def _print_welcome(url: str, key_file: Path, ids: list[str]) -> None:
+    a, b, c, d = (ids + ["SAMPLE-ID"] * 4)[:4]
     print(
         f"""
 Lethe is running at {url}  (API docs: {url}/docs)   Ctrl-C stops it.
@@ -373,8 +383,8 @@ Lethe is running at {url}  (API docs: {url}/docs)   Ctrl-C stops it.
   export LETHE_KEY=$(cat {key_file})
   curl -s -X POST {url}/v1/deletion-requests -H "Authorization: Bearer $LETHE_KEY" \\
        -H 'Content-Type: application/json' \\
-       -d '{{"model": "demo-mnist", "sample_ids": ["mnist5k-0000", "mnist5k-0001"]}}'
-  lethe submit --model demo-mnist --ids mnist5k-0002 mnist5k-0003 --wait
+       -d '{{"model": "demo-mnist", "sample_ids": ["{a}", "{b}"]}}'
+  lethe submit --model demo-mnist --ids {c} {d} --wait
 """,
         flush=True,
     )
@@ -442,7 +452,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"API ready on {url}; worker logs in {logs}")
             if not args.no_bootstrap:
                 bootstrap_demo(client)
-        _print_welcome(url, key_file)
+            _print_welcome(url, key_file, [] if args.no_bootstrap else _example_ids(client))
         while True:
             for name, proc in children.items():
                 if proc.poll() is not None:
