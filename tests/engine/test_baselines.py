@@ -10,6 +10,7 @@ labels go away while retained samples and held-out samples stay classified.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,9 +97,17 @@ def _make_dataset(rng: np.random.Generator) -> tuple[Dataset, npt.NDArray[np.int
     return dataset, classes.astype(np.int64)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Small models run fastest single-threaded on a shared machine; restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def problem() -> Problem:
-    torch.set_num_threads(1)
     dataset, templates = _make_dataset(np.random.default_rng(0))
     data = DeviceData(dataset, torch.device("cpu"))
     train = dataset.train_indices
@@ -214,7 +223,6 @@ def test_unsir_labels_noise_with_the_forgotten_class(problem: Problem) -> None:
 @pytest.mark.parametrize("name", ["neggrad_plus", "bad_teacher", "scrub", "unsir", "ssd"])
 def test_batchnorm_statistics_stay_frozen_on_resnet18(name: str) -> None:
     """Forget (or noise) batches must not move the running statistics of a BatchNorm model."""
-    torch.set_num_threads(1)
     rng = np.random.default_rng(1)
     n = 24
     dataset = Dataset(
