@@ -58,8 +58,16 @@ class Submitted:
     replayed: bool = False
 
 
+def _get_model(session: Session, name: str) -> ModelRow:
+    model = session.scalar(select(ModelRow).where(ModelRow.name == name))
+    if model is None:
+        session.rollback()
+        raise ModelNotFound(f"no model named {name!r}", model=name)
+    return model
+
+
 def _lock_model(session: Session, name: str) -> ModelRow:
-    model = session.scalar(select(ModelRow).where(ModelRow.name == name).with_for_update())
+    model = session.scalar(select(ModelRow).where(ModelRow.name == name).with_for_update(key_share=True))
     if model is None:
         session.rollback()
         raise ModelNotFound(f"no model named {name!r}", model=name)
@@ -160,7 +168,9 @@ def _create(
     if callback_url is not None:
         check_callback_url(callback_url, settings)
 
-    m = _lock_model(session, model)
+    # Validation and the bulk insert run before the model lock: the lock (and, on
+    # PostgreSQL, the audit chain's) is held only for the job join and the final events.
+    m = _get_model(session, model)
     # Count first: the common case (every ID a known training sample) moves no rows back.
     train_count = count_matching(
         session,
@@ -224,27 +234,32 @@ def _create(
     digest = hashlib.sha256("\n".join(sorted(sample_ids)).encode()).hexdigest()
     enqueue: str | None = None
     new_job: Job | None = None
-    append_event(
-        session,
-        actor=principal.name,
-        action="request.accepted",
-        subject=f"request:{req.id}",
-        model=m.name,
-        request_id=req.id,
-        data={
-            "sample_count": len(sample_ids),
-            "already_forgotten_count": len(forgotten),
-            "sample_ids_sha256": digest,
-            "subject_ref": subject_ref,
-            "reason": reason,
-            "method": method,
-            "verify": verify,
-        },
-    )
+    accepted = {
+        "sample_count": len(sample_ids),
+        "already_forgotten_count": len(forgotten),
+        "sample_ids_sha256": digest,
+        "subject_ref": subject_ref,
+        "reason": reason,
+        "method": method,
+        "verify": verify,
+    }
+
+    def audit_accepted() -> None:
+        append_event(
+            session,
+            actor=principal.name,
+            action="request.accepted",
+            subject=f"request:{req.id}",
+            model=m.name,
+            request_id=req.id,
+            data=accepted,
+        )
+
     if len(forgotten) == len(sample_ids):
         req.status, req.finished_at, req.started_at = "succeeded", now, now
         req.result_version = m.latest_version
         session.flush()
+        audit_accepted()
         append_event(
             session,
             actor=principal.name,
@@ -256,6 +271,8 @@ def _create(
         )
         enqueue_callback(session, req, m.name)
     else:
+        _lock_model(session, model)
+        audit_accepted()
         job = session.scalar(
             select(Job)
             .where(Job.model_id == m.id)
@@ -266,7 +283,7 @@ def _create(
             .where(Job.cancel_requested.is_(False))
             .order_by(Job.position.desc())
             .limit(1)
-            .with_for_update()
+            .with_for_update(key_share=True)
         )
         if job is None or job.status != "queued" or (job.method_options or {}) != method_options:
             new_job = create_job(
@@ -354,7 +371,7 @@ def cancel_deletion_request(session: Session, request_id: str, *, actor: str) ->
     req, name = _load(session, request_id)
     job: Job | None = None
     if req.job_id:
-        job = session.scalar(select(Job).where(Job.id == req.job_id).with_for_update())
+        job = session.scalar(select(Job).where(Job.id == req.job_id).with_for_update(key_share=True))
     req, name = _load(session, request_id, lock=True)
     if req.status not in ("accepted", "queued"):
         status = req.status

@@ -98,7 +98,7 @@ class CompletionResult:
 def _job(session: Session, job_id: str, *, lock: bool = False) -> Job:
     stmt = select(Job).where(Job.id == str(job_id))
     if lock:
-        stmt = stmt.with_for_update()
+        stmt = stmt.with_for_update(key_share=True)
     job = session.scalar(stmt)
     if job is None:
         session.rollback()
@@ -109,7 +109,7 @@ def _job(session: Session, job_id: str, *, lock: bool = False) -> Job:
 def _model(session: Session, model_id: int, *, lock: bool = False) -> ModelRow:
     stmt = select(ModelRow).where(ModelRow.id == model_id)
     if lock:
-        stmt = stmt.with_for_update()
+        stmt = stmt.with_for_update(key_share=True)
     model = session.scalar(stmt)
     assert model is not None
     return model
