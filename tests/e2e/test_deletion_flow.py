@@ -175,6 +175,7 @@ def test_deletion_flow_embedded(tiny_npz: Path, tmp_path: Path) -> None:
     """SQLite database, SQL broker, one worker: the whole flow over HTTP."""
     service = start_service({}, tmp_path / "var")
     try:
+        assert (service.var_dir / "admin.key").stat().st_mode & 0o777 == 0o600
         train_ids = _run_flow(service, tiny_npz, tmp_path)
         _cli_flow(service, train_ids[10:13], tmp_path / "cli")
     finally:
