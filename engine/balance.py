@@ -100,7 +100,7 @@ class Uncertainty(Balancer):
         return [self.log_vars]
 
     def weights(self) -> dict[str, float]:
-        return {k: float(torch.exp(-self.log_vars[i])) for i, k in enumerate(TASKS)}
+        return {k: float(torch.exp(-self.log_vars[i].detach())) for i, k in enumerate(TASKS)}
 
     def combine(self, losses: dict[str, Tensor]) -> Tensor:
         terms = [torch.exp(-self.log_vars[i]) * losses[k] + self.log_vars[i]
@@ -119,7 +119,7 @@ class GradNorm(Balancer):
         self._initial: Tensor | None = None
 
     def weights(self) -> dict[str, float]:
-        return {k: float(self.w[i]) for i, k in enumerate(TASKS)}
+        return {k: float(self.w[i].detach()) for i, k in enumerate(TASKS)}
 
     def combine(self, losses: dict[str, Tensor]) -> Tensor:
         w = self.w.detach()

@@ -1,0 +1,121 @@
+"""The default method on the memorised random-label problem (see `tiny_problem`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tiny_problem import NUM_CLASSES, Problem
+
+from engine.errors import Cancelled, InvalidInput
+from engine.methods import DEFAULT_METHOD, make_method
+from engine.methods.feature_constraint import forget_monitor
+from engine.runtime import Reporter
+from engine.unlearning import check_partition
+
+# The mnist5k defaults (SGD, lr 1e-3, 5 passes) barely move samples memorised against their
+# visual class in this tiny problem; Adam at the same lr with a longer budget does.
+OPTIONS = {"batch_size": 32, "forget_batch_size": 16, "optimizer": "adam", "lr": 0.001,
+           "max_epochs": 30.0}
+
+
+def test_default_method_is_feature_constraint():
+    assert DEFAULT_METHOD == "feature_constraint"
+
+
+def test_memorised_samples_are_forgotten_and_the_task_is_kept(problem: Problem):
+    # Samples memorised against their visual class have a higher loss than typical held-out
+    # samples even before unlearning, so the loss-based stopping signal cannot see them (a
+    # documented limit); with the full budget their memorised labels must go.
+    seen = []
+    ctx = problem.context(reporter=Reporter(seen.append, None, min_interval_s=0.0))
+    out = make_method("feature_constraint", {**OPTIONS, "early_stop": False}).run(ctx)
+    assert problem.acc(problem.original, problem.forget_idx) == 1.0
+    assert problem.acc(out.model, problem.forget_idx) <= 0.4
+    assert problem.acc(out.model, problem.retain_idx) >= 0.9
+    assert problem.acc(out.model, problem.test_idx) >= 0.9
+    # Both losses and both weights are reported at every optimisation step.
+    assert len(seen) == out.steps == 30
+    assert all(set(p.losses) == set(p.weights) == {"forget", "recover"} for p in seen)
+
+
+def test_typical_samples_stop_on_the_verification_signal(problem: Problem):
+    ds = problem.data.dataset
+    typical = problem.retain_idx[:16]
+    ctx = problem.context(forget_idx=typical)
+    out = make_method("feature_constraint", OPTIONS).run(ctx)
+    assert out.extra["stopped_early"] and out.steps < 30
+    assert out.history[-1]["stopped"]
+    last = out.history[-1]
+    assert last["member_excess"] <= 0.01
+    retain = ctx.retain_idx
+    assert problem.acc(out.model, retain) >= 0.95 and problem.acc(out.model, problem.test_idx) >= 0.95
+    assert ds.labels[typical].tolist() == problem.templates[typical].tolist()
+
+
+def test_features_of_the_forget_set_move_toward_the_random_teacher(problem: Problem):
+    ctx = problem.context()
+    out = make_method("feature_constraint", {**OPTIONS, "early_stop": False}).run(ctx)
+    teacher = ctx.teacher()
+    x, _ = problem.data.batch(problem.forget_idx)
+    with torch.no_grad():
+        before = (problem.original.features(x) - teacher.features(x)).norm(dim=1).mean()
+        after = (out.model.features(x) - teacher.features(x)).norm(dim=1).mean()
+    assert after < 0.9 * before
+
+
+def test_a_class_gone_from_the_retain_pool_is_forgotten_outright(problem: Problem):
+    ds = problem.data.dataset
+    train = ds.train_indices
+    gone = 1
+    forget = train[ds.labels[train] == gone]
+    ctx = problem.context(forget_idx=forget)
+    monitor = forget_monitor(ctx, ctx.retain_idx, 64)
+    assert monitor.absent.all() and (monitor.target_member == 0).all()
+    out = make_method("feature_constraint", OPTIONS).run(ctx)
+    test_of_class = problem.test_idx[ds.labels[problem.test_idx] == gone]
+    assert problem.acc(out.model, forget) <= 0.05
+    assert problem.acc(out.model, test_of_class) <= 0.2  # as a retrained model would
+    others = problem.test_idx[ds.labels[problem.test_idx] != gone]
+    assert problem.acc(out.model, others) >= 0.85
+
+
+@pytest.mark.parametrize("balancer", ["dwa", "uncertainty", "gradnorm", "fixed"])
+def test_every_balancer_runs_and_reports_its_weights(problem: Problem, balancer: str):
+    out = make_method("feature_constraint", {**OPTIONS, "balancer": balancer}).run(problem.context())
+    weights = [h["weights"] for h in out.history if "weights" in h]
+    assert weights and all(w["forget"] > 0 and w["recover"] > 0 for w in weights)
+    assert problem.acc(out.model, problem.forget_idx) < 1.0
+
+
+def test_runs_are_reproducible_for_a_seed(problem: Problem):
+    a = make_method("feature_constraint", OPTIONS).run(problem.context(seed=5)).model.state_dict()
+    b = make_method("feature_constraint", OPTIONS).run(problem.context(seed=5)).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cancellation_and_bad_options(problem: Problem):
+    with pytest.raises(Cancelled):
+        make_method("feature_constraint", OPTIONS).run(
+            problem.context(reporter=Reporter(None, lambda: True)))
+    for bad in ({"balancer": "magic"}, {"feature_loss": "kl"}, {"recovery_fraction": 0},
+                {"nope": 1}):
+        with pytest.raises(InvalidInput):
+            make_method("feature_constraint", bad)
+
+
+def test_recovery_subset_comes_only_from_the_retain_pool(problem: Problem):
+    ctx = problem.context()
+    method = make_method("feature_constraint", {"recovery_fraction": 0.5})
+    subset = method.recovery_subset(ctx)
+    assert len(subset) == int(np.ceil(0.5 * len(ctx.retain_idx)))
+    assert set(subset.tolist()) <= set(ctx.retain_idx.tolist())
+    assert not set(subset.tolist()) & set(problem.forget_idx.tolist())
+
+
+def test_partition_check_refuses_a_retain_pool_holding_forgotten_samples(problem: Problem):
+    with pytest.raises(InvalidInput, match="retain pool"):
+        check_partition(problem.data, problem.forget_idx, problem.data.dataset.train_indices)
+    with pytest.raises(InvalidInput, match="training split"):
+        check_partition(problem.data, problem.test_idx[:2], problem.retain_idx)
+    assert NUM_CLASSES == 4
