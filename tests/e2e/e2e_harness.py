@@ -111,8 +111,11 @@ class Service:
         return int(self.proc.returncode)
 
 
-def start_service(env_overrides: dict[str, str], var_dir: Path) -> Service:
-    """Run `python -m app.cli serve --no-bootstrap` on a free loopback port until ready."""
+def start_service(
+    env_overrides: dict[str, str], var_dir: Path, extra_args: tuple[str, ...] = ()
+) -> Service:
+    """Run `python -m app.cli serve --no-bootstrap [extra_args]` on a free loopback port until
+    it says it is running."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("LETHE_")}
     env.update(
@@ -128,7 +131,8 @@ def start_service(env_overrides: dict[str, str], var_dir: Path) -> Service:
     log_path = var_dir / "serve.log"
     out = log_path.open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve", "--no-bootstrap", "--port", str(port)],
+        [sys.executable, "-m", "app.cli", "serve", "--no-bootstrap", "--port", str(port),
+         *extra_args],
         cwd=REPO,
         env=env,
         stdout=out,
@@ -160,3 +164,17 @@ def wait_until(predicate, timeout: float, interval: float = 0.2, what: str = "co
             last_error = exc
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last_error})")
+
+
+def start_worker(service: Service, name: str) -> subprocess.Popen[bytes]:
+    """A separate `python -m worker.main` process on the service's database and broker."""
+    logs = service.var_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    out = (logs / f"{name}.log").open("wb")
+    return subprocess.Popen(
+        [sys.executable, "-m", "worker.main", "--name", f"{name}@e2e"],
+        cwd=REPO,
+        env=service.env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+    )
