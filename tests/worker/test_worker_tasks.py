@@ -236,3 +236,29 @@ def test_worker_modules_do_not_import_torch() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 0, done.stderr
+
+
+def test_a_worker_that_lost_its_claim_stops_without_publishing(world: World) -> None:
+    long_recipe = {"optimizer": "sgd", "lr": 0.01, "batch_size": 8, "seed": 0, "epochs": 400}
+    job_id = world.register_model(recipe=long_recipe)
+    result: dict[str, Any] = {}
+    runner = threading.Thread(
+        target=lambda: result.update(run=run_job(job_id, worker="w1", settings=world.settings,
+                                                 sessions=world.sessions, store=world.store)),
+    )
+    runner.start()
+    deadline = time.monotonic() + 120
+    while world.job(job_id).phase != "training" or world.job(job_id).step == 0:
+        assert time.monotonic() < deadline and runner.is_alive(), world.job(job_id).error
+        time.sleep(0.05)
+    # As if w1's heartbeat had expired: the sweeper's redelivery lets w2 take the job over.
+    with world.sessions() as s:
+        ticket = job_service.claim_job(s, job_id, "w2", heartbeat_timeout_s=0.0)
+    assert ticket is not None and ticket.attempt == 2
+    runner.join(timeout=60)
+    assert not runner.is_alive()
+    assert result["run"].outcome == "stale"
+    job = world.job(job_id)
+    assert (job.status, job.worker, job.attempts) == ("running", "w2", 2)
+    assert world.versions() == []
+    assert world.actions(f"job:{job_id}").count("job.failed") == 0
