@@ -54,8 +54,8 @@ ALL_SCOPES = (
 )
 ADMIN_KEY_FILE = "admin.key"
 
-DEMO_DATASET = {"name": "mnist5k", "kind": "mnist5k", "uri": "", "options": {}}
-DEMO_MODEL = {
+DEMO_DATASET: dict[str, Any] = {"name": "mnist5k", "kind": "mnist5k", "uri": "", "options": {}}
+DEMO_MODEL: dict[str, Any] = {
     "name": "demo-mnist",
     "dataset": "mnist5k",
     "architecture": "small_cnn",
@@ -330,45 +330,64 @@ def _wait_ready(
     raise CLIError(f"the API did not become ready within {timeout:.0f}s")
 
 
-def bootstrap_demo(client: LetheClient, *, show: ProgressBar | None = None) -> None:
-    """First start: register `mnist5k` and train `demo-mnist` v1, showing the progress."""
+def bootstrap_demo(
+    client: LetheClient,
+    *,
+    dataset: dict[str, Any] | None = None,
+    model: dict[str, Any] | None = None,
+    show: ProgressBar | None = None,
+) -> str | None:
+    """First start: register the demo dataset and train the demo model's v1, showing progress.
+
+    Defaults to `mnist5k` and `demo-mnist`; a second call finds both and does nothing.
+    Returns the train job it followed, if any.
+    """
+    ds = dataset or DEMO_DATASET
+    spec = model or DEMO_MODEL
+    name = str(spec["name"])
     try:
-        client.get_dataset(DEMO_DATASET["name"])  # type: ignore[arg-type]
+        client.get_dataset(str(ds["name"]))
     except NotFound:
-        client.register_dataset(**DEMO_DATASET)  # type: ignore[arg-type]
-        print("registered dataset mnist5k (5,000 MNIST digits: 4,000 train / 1,000 test)")
+        client.register_dataset(str(ds["name"]), str(ds["kind"]), str(ds.get("uri", "")),
+                                dict(ds.get("options") or {}))
+        info = client.get_dataset(str(ds["name"]))
+        sizes = info.get("splits") or {}
+        print(f"registered dataset {ds['name']} ({info.get('num_samples')} samples"
+              + (f": {sizes.get('train')} train / {sizes.get('test')} test)" if sizes else ")"))
+    job_id: str | None
     try:
-        model = client.get_model(DEMO_MODEL["name"])  # type: ignore[arg-type]
+        current = client.get_model(name)
     except NotFound:
-        created = client.register_model(**DEMO_MODEL)  # type: ignore[arg-type]
-        job_id = created.get("job_id") or (created.get("job") or {}).get("id")
-        print(f"registered model demo-mnist; training v1 (job {job_id})")
+        created = client.register_model(**spec)
+        job_id = created.get("job_id")
+        print(f"registered model {name}; training v1 (job {job_id})")
     else:
-        if model.get("latest_version"):
-            return
-        pending = client.list_jobs(model="demo-mnist", status="running", limit=1) or (
-            client.list_jobs(model="demo-mnist", status="queued", limit=1)
+        if current.get("latest_version"):
+            return None
+        pending = client.list_jobs(model=name, status="running", limit=1) or (
+            client.list_jobs(model=name, status="queued", limit=1)
         )
         if not pending:
-            return
+            return None
         job_id = pending[0]["id"]
-        print(f"demo-mnist has no version yet; following its train job {job_id}")
+        print(f"{name} has no version yet; following its train job {job_id}")
     if not job_id:
-        return
+        return None
     bar = show or ProgressBar()
     job = client.wait_for_job(str(job_id), poll_interval=0.5, on_update=bar.job)
     bar.done()
     if job.get("status") != "succeeded":
-        print(f"training demo-mnist ended {job.get('status')}: {job.get('error')}", file=sys.stderr)
-        return
-    print(f"demo-mnist v{job.get('result_version')} ready; metrics:")
+        print(f"training {name} ended {job.get('status')}: {job.get('error')}", file=sys.stderr)
+        return str(job_id)
+    print(f"{name} v{job.get('result_version')} ready; metrics:")
     print(_fmt_metrics(job.get("metrics")))
+    return str(job_id)
 
 
 def _example_ids(client: LetheClient) -> list[str]:
     """Four training-split IDs of the demo dataset for the copy-paste examples."""
     try:
-        rows = client.list_samples(DEMO_DATASET["name"], split="train", limit=4)  # type: ignore[arg-type]
+        rows = client.list_samples(DEMO_DATASET["name"], split="train", limit=4)
     except LetheClientError:
         return []
     return [str(r["sample_id"]) for r in rows]

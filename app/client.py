@@ -196,7 +196,7 @@ class Dataset(TypedDict, total=False):
     options: dict[str, Any]
     num_samples: int
     num_classes: int
-    split_sizes: dict[str, int]
+    splits: dict[str, int]
 
 
 class AuditVerification(TypedDict, total=False):

@@ -20,6 +20,7 @@ import pytest
 import torch
 from e2e_harness import REPO, Service, pid_alive, start_service
 
+from app.cli import bootstrap_demo
 from app.client import Conflict, LetheClient, NotFound, Unauthorized, Unprocessable
 from engine.checkpoint import load_model
 from engine.datasets import DatasetSpec, load_dataset
@@ -162,6 +163,24 @@ def _cli_flow(service: Service, ids: list[str], tmp_path: Path) -> None:
     assert "Traceback" not in bad.stderr
 
 
+def _bootstrap(service: Service, dataset: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`serve`'s first-start bootstrap (run here on the tiny data): registers, trains, shows
+    progress and metrics; a second run finds everything in place and does nothing."""
+    ds = {"name": "boot-data", "kind": "npz", "uri": str(dataset), "options": {}}
+    model = {"name": "boot-model", "dataset": "boot-data", "architecture": "small_cnn",
+             "num_classes": 4, "recipe": RECIPE, "policy": POLICY}
+    capsys.readouterr()
+    job_id = bootstrap_demo(service.client, dataset=ds, model=model)
+    out = capsys.readouterr().out
+    assert job_id is not None
+    assert "registered dataset boot-data (160 samples: 120 train / 40 test)" in out
+    assert f"registered model boot-model; training v1 (job {job_id})" in out
+    assert "training" in out and "boot-model v1 ready; metrics:" in out and "acc_test" in out
+    assert service.client.get_model("boot-model")["latest_version"] == 1
+    assert bootstrap_demo(service.client, dataset=ds, model=model) is None
+    assert capsys.readouterr().out == ""
+
+
 def _stop_cleanly(service: Service) -> None:
     """Ctrl-C on `lethe serve` stops the API and the worker and exits 0."""
     children = service.child_pids()
@@ -171,13 +190,16 @@ def _stop_cleanly(service: Service) -> None:
     assert not [pid for pid in children if pid_alive(pid)], service.logs()
 
 
-def test_deletion_flow_embedded(tiny_npz: Path, tmp_path: Path) -> None:
-    """SQLite database, SQL broker, one worker: the whole flow over HTTP."""
+def test_deletion_flow_embedded(
+    tiny_npz: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SQLite database, SQL broker, one worker: the whole flow over HTTP, then the CLI."""
     service = start_service({}, tmp_path / "var")
     try:
         assert (service.var_dir / "admin.key").stat().st_mode & 0o777 == 0o600
         train_ids = _run_flow(service, tiny_npz, tmp_path)
         _cli_flow(service, train_ids[10:13], tmp_path / "cli")
+        _bootstrap(service, tiny_npz, capsys)
     finally:
         _stop_cleanly(service)
 
