@@ -49,7 +49,7 @@ class Settings(BaseSettings):
 
     # Limits.
     max_ids_per_request: int = 100_000
-    max_body_bytes: int = 8 * 1024 * 1024
+    max_body_bytes: int = 32 * 1024 * 1024  # 100,000 IDs of up to 200 characters
     max_checkpoint_bytes: int = 2 * 1024 * 1024 * 1024
     idempotency_ttl_s: float = 24 * 3600.0
     page_limit_default: int = 50

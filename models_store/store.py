@@ -5,10 +5,10 @@ Layout under the root (one shared volume in production):
     {root}/{model}/checkpoints/{sha256}.safetensors   the weights, named by their digest
     {root}/{model}/manifests/{sha256}.json            a manifest, named by its own digest
 
-Every file is written to a temporary name in the same directory, fsynced, renamed into place
+Every file is written under `{root}/.incoming/` (same filesystem), fsynced, renamed into place
 with `os.replace` and the directory fsynced; a name that already exists is never rewritten
-(its content is, by construction, identical). A crash therefore leaves at most a `.tmp-*`
-file, never a half-written checkpoint under a real name, and the database row that makes a
+(its content is, by construction, identical). A crash therefore leaves at most a scratch file
+in `.incoming/`, never a partial file among the checkpoints, and the database row that makes a
 version visible commits only after both files are durable.
 """
 
@@ -36,6 +36,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 CHUNK = 1024 * 1024
 TMP_PREFIX = ".tmp-"
+INCOMING = ".incoming"
 
 
 @dataclass(frozen=True)
@@ -104,11 +105,16 @@ class Store:
             os.replace(tmp, final)
         _fsync_dir(final.parent)
 
+    def _scratch(self) -> Path:
+        incoming = self.root / INCOMING
+        incoming.mkdir(parents=True, exist_ok=True)
+        return incoming / f"{TMP_PREFIX}{secrets.token_hex(8)}"
+
     def _write_bytes(self, final: Path, data: bytes) -> None:
         final.parent.mkdir(parents=True, exist_ok=True)
         if final.exists():
             return
-        tmp = final.parent / f"{TMP_PREFIX}{secrets.token_hex(8)}"
+        tmp = self._scratch()
         with tmp.open("xb") as f:
             f.write(data)
             f.flush()
@@ -136,7 +142,7 @@ class Store:
         """
         ck_dir = self._dir(model, "checkpoints")
         ck_dir.mkdir(parents=True, exist_ok=True)
-        tmp = ck_dir / f"{TMP_PREFIX}{secrets.token_hex(8)}"
+        tmp = self._scratch()
         digest = hashlib.sha256()
         size = 0
         try:
@@ -208,7 +214,7 @@ class Store:
             return 0
         cutoff = time.time() - older_than_s
         removed = 0
-        for tmp in self.root.glob(f"*/*/{TMP_PREFIX}*"):
+        for tmp in (self.root / INCOMING).glob(f"{TMP_PREFIX}*"):
             with contextlib.suppress(FileNotFoundError):
                 if tmp.stat().st_mtime < cutoff:
                     tmp.unlink()

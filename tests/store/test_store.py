@@ -20,7 +20,15 @@ ARCH = {"name": "small_cnn", "num_classes": 4, "input_shape": [1, 28, 28]}
 
 
 def _files(root: Path) -> list[str]:
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    """Every file of the store outside its scratch area."""
+    return sorted(
+        p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and ".incoming" not in p.parts
+    )
+
+
+def _scratch(root: Path) -> list[str]:
+    incoming = root / ".incoming"
+    return sorted(p.name for p in incoming.iterdir()) if incoming.exists() else []
 
 
 def test_put_writes_checkpoint_and_manifest_named_by_digest(tmp_path: Path, make_checkpoint: Any) -> None:
@@ -37,7 +45,7 @@ def test_put_writes_checkpoint_and_manifest_named_by_digest(tmp_path: Path, make
     assert (
         stored.manifest_path.name == hashlib.sha256(stored.manifest_path.read_bytes()).hexdigest() + ".json"
     )
-    assert not [f for f in _files(tmp_path) if ".tmp-" in f]
+    assert not [f for f in _files(tmp_path) if ".tmp-" in f] and _scratch(tmp_path) == []
     assert store.verify("m", stored.sha256)
 
 
@@ -78,7 +86,7 @@ def test_malformed_files_are_refused_and_nothing_is_left(
     store = Store(tmp_path / "store")
     _refused(store, mutate(make_checkpoint()), match)
     leftovers = _files(store.root) if store.root.exists() else []
-    assert leftovers == []
+    assert leftovers == [] and _scratch(store.root) == []
 
 
 def test_shape_key_and_dtype_mismatches_are_refused(tmp_path: Path, make_checkpoint: Any) -> None:
@@ -148,8 +156,8 @@ def test_clean_temp_removes_only_old_temp_files(tmp_path: Path, make_checkpoint:
 
     store = Store(tmp_path)
     stored = store.put("m", make_checkpoint(), {"architecture": ARCH})
-    old = stored.path.parent / ".tmp-old"
-    new = stored.path.parent / ".tmp-new"
+    old = tmp_path / ".incoming" / ".tmp-old"
+    new = tmp_path / ".incoming" / ".tmp-new"
     old.write_bytes(b"x")
     new.write_bytes(b"y")
     past = time.time() - 7200
