@@ -42,7 +42,7 @@ from app.services.common import (
     matching_values,
     new_id,
 )
-from app.services.jobs import cancel_in_transaction, create_job
+from app.services.jobs import audit_job_queued, cancel_in_transaction, create_job
 from app.services.policy import METHOD_NAMES
 from app.services.views import request_public
 from app.settings import Settings
@@ -272,7 +272,6 @@ def _create(
         enqueue_callback(session, req, m.name)
     else:
         _lock_model(session, model)
-        audit_accepted()
         job = session.scalar(
             select(Job)
             .where(Job.model_id == m.id)
@@ -294,12 +293,17 @@ def _create(
                 verify=verify,
                 method_options=method_options,
                 actor=principal.name,
+                audit=False,
             )
             job = new_job
             enqueue = job.id
         req.status, req.job_id = "queued", job.id
         session.add(JobRequest(job_id=job.id, request_id=req.id))
         session.flush()
+        # The audit chain's lock is taken last, so it is held only for these inserts.
+        audit_accepted()
+        if new_job is not None:
+            audit_job_queued(session, new_job, m.name, actor=principal.name)
         append_event(
             session,
             actor=principal.name,

@@ -176,6 +176,25 @@ def next_queued_job_id(session: Session, model_id: int) -> str | None:
     return first.id
 
 
+def audit_job_queued(session: Session, job: Job, model_name: str, *, actor: str) -> None:
+    """The `job.queued` audit event of a new job."""
+    append_event(
+        session,
+        actor=actor,
+        action="job.queued",
+        subject=f"job:{job.id}",
+        model=model_name,
+        data={
+            "kind": job.kind,
+            "method": job.method,
+            "verify": job.verify,
+            "position": job.position,
+            "teacher_seed": job.teacher_seed,
+            "fallback_of": job.fallback_of,
+        },
+    )
+
+
 def create_job(
     session: Session,
     model: ModelRow,
@@ -186,6 +205,7 @@ def create_job(
     method_options: dict[str, Any] | None = None,
     fallback_of: str | None = None,
     actor: str,
+    audit: bool = True,
 ) -> Job:
     """Add a queued job at the end of the model's line (caller commits).
 
@@ -216,21 +236,8 @@ def create_job(
     )
     session.add(job)
     session.flush()
-    append_event(
-        session,
-        actor=actor,
-        action="job.queued",
-        subject=f"job:{job.id}",
-        model=model.name,
-        data={
-            "kind": kind,
-            "method": method,
-            "verify": verify,
-            "position": job.position,
-            "teacher_seed": job.teacher_seed,
-            "fallback_of": fallback_of,
-        },
-    )
+    if audit:
+        audit_job_queued(session, job, model.name, actor=actor)
     return job
 
 
