@@ -26,7 +26,8 @@ class Classifier(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x))
+        logits: Tensor = self.head(self.features(x))
+        return logits
 
 
 class SmallCNN(Classifier):
@@ -54,8 +55,8 @@ class ResNet18(Classifier):
         super().__init__()
         body = torchvision.models.resnet18(weights=None)
         body.conv1 = nn.Conv2d(input_shape[0], 64, 3, stride=1, padding=1, bias=False)
-        body.maxpool = nn.Identity()  # type: ignore[assignment]
-        body.fc = nn.Identity()  # type: ignore[assignment]
+        body.maxpool = nn.Identity()
+        body.fc = nn.Identity()
         self.body = body
         self.head = nn.Linear(512, num_classes)
 

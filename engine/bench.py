@@ -47,7 +47,8 @@ def forget_set(dataset: Dataset, scenario: str, seed: int) -> npt.NDArray[np.int
     if scenario == "small":
         return np.sort(rng.choice(train, size=SMALL_COUNT, replace=False))
     if scenario == "class":
-        return train[dataset.labels[train] == seed % dataset.num_classes]
+        chosen: npt.NDArray[np.int64] = train[dataset.labels[train] == seed % dataset.num_classes]
+        return chosen
     raise ValueError(f"unknown scenario {scenario!r}; known: {SCENARIOS}")
 
 
@@ -192,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=Recipe.epochs)
     p.add_argument("--lr", type=float, default=Recipe.lr)
     p.add_argument("--batch-size", type=int, default=Recipe.batch_size)
+    p.add_argument("--throughput", action="store_true",
+                   help="time an unlearning step against a plain training step (resnet18, 32x32)")
+    p.add_argument("--throughput-batch", type=int, default=256)
+    p.add_argument("--throughput-steps", type=int, default=20)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
     p.add_argument("--cache", type=Path, default=Path("var/bench-cache"))
     p.add_argument("--json", type=Path, default=None, help="write one record per run here")
@@ -200,6 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.throughput:
+        from engine.throughput import measure
+
+        result = measure(arch=args.arch or "resnet18", batch_size=args.throughput_batch,
+                         steps=args.throughput_steps, device=args.device)
+        print(json.dumps(result, indent=1))
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=1))
+        return 0
     scenarios = SCENARIOS if args.scenario == "all" else tuple(args.scenario.split(","))
     for s in scenarios:
         if s not in SCENARIOS:

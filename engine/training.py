@@ -86,7 +86,7 @@ def train_model(
         with autocast(data.device):
             loss = loss_fn(model(x), y)
         opt.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
+        loss.backward()
         opt.step()
         sched.step()
         if reporter is not None:

@@ -111,17 +111,18 @@ def unlearn(
         original=original, teacher=teacher, data=data, forget_idx=ctx.forget_idx,
         retain_idx=ctx.retain_idx, test_idx=ctx.heldout_idx, seed=metric_seed,
     )
-    metrics: dict[str, Any] = verification_metrics(out.model, **verify_kw)
+    metrics: dict[str, Any] = dict(verification_metrics(out.model, **verify_kw))
     metrics.update(seconds=seconds, steps=out.steps, device=str(data.device))
 
-    reference = gap = None
+    reference: dict[str, Any] | None = None
+    gap: dict[str, float] | None = None
     if verify == "retrain":
         ref_ctx = UnlearnContext(**{**ctx.__dict__, "reporter": reporter, "_teacher": teacher})
         start = time.perf_counter()
         ref = make_method("retrain").run(ref_ctx)
         _sync(data.device)
         ref_seconds = time.perf_counter() - start
-        reference = verification_metrics(ref.model, **verify_kw)
+        reference = dict(verification_metrics(ref.model, **verify_kw))
         reference.update(seconds=ref_seconds, steps=ref.steps, device=str(data.device))
         gap = gaps(metrics, reference)
     return UnlearnResult(

@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -197,13 +197,13 @@ class FeatureConstraint(Method):
 
     def recovery_subset(self, ctx: UnlearnContext) -> npt.NDArray[np.int64]:
         """Dr': a random subset of the retain pool (a count, or a fraction of it)."""
-        cfg = self.config
+        cfg = cast("FeatureConstraint.Config", self.config)
         n = cfg.recovery_count or math.ceil(cfg.recovery_fraction * len(ctx.retain_idx))
         n = max(1, min(n, len(ctx.retain_idx)))
         return np.sort(ctx.generator(salt=1).choice(ctx.retain_idx, size=n, replace=False))
 
     def run(self, ctx: UnlearnContext) -> MethodOutput:
-        cfg = self.config
+        cfg = cast("FeatureConstraint.Config", self.config)
         recovery_idx = self.recovery_subset(ctx)
         monitor = forget_monitor(ctx, recovery_idx, cfg.heldout_probe)
         model = ctx.student()
@@ -249,7 +249,7 @@ class FeatureConstraint(Method):
             tf = teacher_feats[[position[int(i)] for i in f_idx]]
             with autocast(ctx.device):
                 # One forward pass over both batches (BatchNorm is frozen, so it is exact).
-                feats_f, feats_r = model.features(torch.cat([xf, xr])).split([len(xf), len(xr)])
+                feats_f, feats_r = torch.split(model.features(torch.cat([xf, xr])), [len(xf), len(xr)])
                 logits_r = model.head(feats_r)
                 losses = {
                     "forget": feature_loss(cfg.feature_loss, feats_f.float(), tf),

@@ -77,3 +77,11 @@ def test_cancellation_stops_the_job(spec, trained):
     with pytest.raises(Cancelled):
         run_unlearn(spec, checkpoint=trained[0].weights, forget_ids=["s003"], forgotten_ids=[],
                     should_cancel=lambda: True, device="cpu")
+
+
+def test_throughput_benchmark_measures_both_loops():
+    from engine.throughput import measure
+
+    r = measure(arch="small_cnn", batch_size=8, steps=1, repeats=1, device="cpu")
+    assert r["plain_samples_per_s"] > 0 and r["unlearn_samples_per_s"] > 0
+    assert r["ratio"] == pytest.approx(r["unlearn_samples_per_s"] / r["plain_samples_per_s"])
