@@ -66,7 +66,7 @@ def measure(
         with autocast(dev):
             loss = nn.functional.cross_entropy(plain_model(x), y)
         plain_opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         plain_opt.step()
 
     student, opt = fresh()
@@ -82,7 +82,7 @@ def measure(
             loss = nn.functional.mse_loss(forget_feats.float(), target) + nn.functional.cross_entropy(
                 student.head(recover_feats).float(), y[half:])  # type: ignore[operator]
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         opt.step()
 
     for step in (plain_step, unlearn_step):  # warm-up: kernels, allocator, autotuning
