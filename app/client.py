@@ -510,9 +510,10 @@ class LetheClient:
         """Stream a checkpoint to `dest` and check its sha256 against the strong ETag.
 
         `dest` defaults to the server's file name in the current directory; a directory
-        receives that name. The file appears only once complete and verified (written to a
-        temporary name, then renamed); on a mismatch it is removed and `ChecksumMismatch`
-        raised. `on_chunk(bytes_so_far, total)` reports progress.
+        (an existing one, or a path ending in `/`) receives that name. The file appears only
+        once complete and verified (written to a temporary name, then renamed); on a
+        mismatch it is removed and `ChecksumMismatch` raised. `on_chunk(bytes_so_far,
+        total)` reports progress.
         """
         path = f"/v1/models/{model}/versions/{version}/checkpoint"
         try:
@@ -530,15 +531,19 @@ class LetheClient:
                 digest = hashlib.sha256()
                 size = 0
                 partial = target.with_name(f".{target.name}.part")
-                with partial.open("wb") as out:
-                    for chunk in response.iter_bytes(1 << 20):
-                        out.write(chunk)
-                        digest.update(chunk)
-                        size += len(chunk)
-                        if on_chunk is not None:
-                            on_chunk(size, total)
-                    out.flush()
-                    os.fsync(out.fileno())
+                try:
+                    with partial.open("wb") as out:
+                        for chunk in response.iter_bytes(1 << 20):
+                            out.write(chunk)
+                            digest.update(chunk)
+                            size += len(chunk)
+                            if on_chunk is not None:
+                                on_chunk(size, total)
+                        out.flush()
+                        os.fsync(out.fileno())
+                except BaseException:
+                    partial.unlink(missing_ok=True)  # never leave half a checkpoint behind
+                    raise
         except httpx.TransportError as exc:
             raise ServiceUnreachable(f"{self.base_url}: {exc}") from exc
         sha = digest.hexdigest()
@@ -600,4 +605,6 @@ def _download_target(
     if dest is None:
         return Path.cwd() / name
     target = Path(dest)
+    if str(dest).endswith(("/", os.sep)):
+        target.mkdir(parents=True, exist_ok=True)
     return target / name if target.is_dir() else target
