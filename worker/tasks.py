@@ -22,6 +22,9 @@ Flow of one message:
    exception's type and message (never a traceback; the traceback goes to the worker log).
    `StaleAttempt` from the service means another attempt owns the job now: this one stops
    without touching it.
+5. When Celery stops the worker (SIGTERM, SIGQUIT, Ctrl-C) the job stops at its next step
+   and is left `running`: a shutdown is never a reason to fail or cancel a job. The sweeper
+   re-enqueues it once its heartbeat is older than the timeout.
 
 Process model: the worker runs Celery's `solo` pool (see `worker/main.py`), so the process
 that imports torch and initialises CUDA is the one that runs the job and never forks.
@@ -39,6 +42,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from celery import shared_task
+from celery.signals import worker_shutting_down
 
 from app.errors import StaleAttempt
 from app.services import jobs as job_service
@@ -65,12 +69,25 @@ CANCEL_POLL_S = 0.5
 MAX_ERROR_CHARS = 2000
 
 
+#: Set when this worker process is told to stop: the running job stops at its next step and
+#: is left to be re-run (never failed or cancelled because of a shutdown).
+SHUTDOWN = threading.Event()
+
+
+def _on_worker_shutting_down(**_: Any) -> None:
+    """Celery is stopping this worker (warm or cold): interrupt the job in flight."""
+    SHUTDOWN.set()
+
+
+worker_shutting_down.connect(_on_worker_shutting_down)
+
+
 @dataclass(frozen=True)
 class JobRun:
     """What `run_job` did with one message (for logs and tests)."""
 
     job_id: str
-    outcome: str  # skipped | succeeded | failed | cancelled | stale
+    outcome: str  # skipped | succeeded | failed | cancelled | stale | interrupted
     detail: str = ""
     follow_ups: tuple[str, ...] = ()
 
@@ -155,7 +172,10 @@ class _JobReporter:
             self.write(force=True)
 
     def should_cancel(self) -> bool:
-        """The engine's cancel poll: the database flag, at most `cancel_poll_s` old."""
+        """The engine's cancel poll: the database flag (at most `cancel_poll_s` old), or this
+        worker shutting down."""
+        if SHUTDOWN.is_set():
+            return True
         stale = time.monotonic() - self._last_write >= self._cancel_poll_s
         if stale and not (self.cancel_requested or self.lost_claim):
             self.write(force=True)
@@ -347,6 +367,8 @@ def run_job(
     except Cancelled:
         if reporter.lost_claim:
             return JobRun(job_id, "stale")
+        if SHUTDOWN.is_set() and not reporter.cancel_requested:
+            return _interrupted(job_id, worker)
         with sessions() as session:
             follow_ups = job_service.mark_cancelled(session, job_id)
         log.info("job %s cancelled", job_id)
@@ -359,6 +381,11 @@ def run_job(
         _enqueue(sessions, enqueue, follow_ups)
         return JobRun(job_id, "failed", exc.code, tuple(follow_ups))
     except Exception as exc:
+        if SHUTDOWN.is_set():
+            # Celery's cold shutdown can raise into the running task (the solo pool cannot
+            # kill a job); a stopping worker is no evidence against the job.
+            log.warning("job %s interrupted by %r during shutdown", job_id, exc)
+            return _interrupted(job_id, worker)
         log.exception("job %s failed in the worker", job_id)
         code = str(getattr(exc, "code", "") or "worker_error")
         follow_ups = _fail(sessions, job_id, error=_error_text(exc), code=code,
@@ -375,6 +402,14 @@ def run_job(
         result.verdict,
         tuple(follow_ups),
     )
+
+
+def _interrupted(job_id: str, worker: str) -> JobRun:
+    """The worker is stopping: leave the job `running`. Its heartbeat stops, so once it is
+    older than the heartbeat timeout the sweeper re-enqueues the job and any worker re-runs
+    it from its base version (nothing was published)."""
+    log.warning("job %s interrupted: %s is shutting down; it will be re-run", job_id, worker)
+    return JobRun(job_id, "interrupted")
 
 
 def _fail(

@@ -262,3 +262,39 @@ def test_a_worker_that_lost_its_claim_stops_without_publishing(world: World) -> 
     assert (job.status, job.worker, job.attempts) == ("running", "w2", 2)
     assert world.versions() == []
     assert world.actions(f"job:{job_id}").count("job.failed") == 0
+
+
+def test_worker_shutdown_interrupts_the_job_and_leaves_it_to_be_rerun(world: World) -> None:
+    from celery.signals import worker_shutting_down
+
+    long_recipe = {"optimizer": "sgd", "lr": 0.01, "batch_size": 8, "seed": 0, "epochs": 400}
+    job_id = world.register_model(recipe=long_recipe)
+    result: dict[str, Any] = {}
+    runner = threading.Thread(
+        target=lambda: result.update(run=run_job(job_id, worker="w1", settings=world.settings,
+                                                 sessions=world.sessions, store=world.store)),
+    )
+    runner.start()
+    try:
+        deadline = time.monotonic() + 120
+        while world.job(job_id).phase != "training" or world.job(job_id).step == 0:
+            assert time.monotonic() < deadline and runner.is_alive(), world.job(job_id).error
+            time.sleep(0.05)
+        # What Celery sends when the worker gets SIGTERM (warm) or SIGQUIT (cold).
+        worker_shutting_down.send(sender="w1", sig="SIGTERM", how="Warm", exitcode=0)
+        runner.join(timeout=30)
+        assert not runner.is_alive()
+    finally:
+        tasks.SHUTDOWN.clear()
+    assert result["run"].outcome == "interrupted"
+    job = world.job(job_id)
+    assert (job.status, job.attempts, job.error) == ("running", 1, None)
+    assert job.step < job.total_steps and world.versions() == []
+    # Once its heartbeat is stale, the sweeper finds it and another worker can claim it.
+    time.sleep(1.0)
+    with world.sessions() as s:
+        stale = job_service.find_stale_jobs(s, queued_grace_s=0.0, heartbeat_timeout_s=0.5)
+    assert job_id in stale
+    with world.sessions() as s:
+        ticket = job_service.claim_job(s, job_id, "w2", heartbeat_timeout_s=0.5)
+    assert ticket is not None and ticket.attempt == 2
