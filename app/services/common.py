@@ -21,6 +21,8 @@ CHUNK = 5000
 #: Above this many values PostgreSQL lookups hash-join a JSON array instead of probing the
 #: index once per value (which is what small lists want).
 JOIN_THRESHOLD = 2000
+#: Below this many rows one multi-row INSERT beats COPY's extra round trips.
+COPY_THRESHOLD = 200
 
 
 def new_id(prefix: str) -> str:
@@ -155,12 +157,13 @@ def _with_values(stmt: Any, session: Session) -> Any:
 
 
 def bulk_insert(session: Session, table: Table, rows: Iterable[dict[str, Any]]) -> int:
-    """Insert many rows in the session's transaction: COPY on PostgreSQL, executemany else."""
+    """Insert many rows in the session's transaction: COPY on PostgreSQL for large batches,
+    multi-row INSERTs otherwise."""
     rows = list(rows)
     if not rows:
         return 0
     columns = list(rows[0])
-    if is_postgres(session):
+    if is_postgres(session) and len(rows) > COPY_THRESHOLD:
         dbapi: Any = session.connection().connection.dbapi_connection  # a psycopg connection
         assert dbapi is not None
         cols = ", ".join(f'"{c}"' for c in columns)
