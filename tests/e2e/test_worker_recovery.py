@@ -68,10 +68,10 @@ def _kill_mid_job_and_recover(service: Service, dataset: Path) -> None:
 
         versions = client.list_versions("tiny-cnn")
         assert [v["version"] for v in versions] == [1]
-        store = service.var_dir / "models" / "tiny-cnn"
-        files = sorted(p.name for p in (store / "checkpoints").iterdir())
+        root = service.var_dir / "models"
+        files = sorted(p.name for p in (root / "tiny-cnn" / "checkpoints").iterdir())
         assert files == [f"{versions[0]['sha256']}.safetensors"], files
-        assert not list(store.rglob(".tmp-*"))
+        assert not [p for p in root.rglob("*") if p.name.startswith(".tmp-")]
 
         events = client.list_audit(limit=1000)
         started = [e for e in events if e["action"] == "job.started"
