@@ -85,7 +85,9 @@ class DWA(Balancer):
             return
         prev, last = self._history[-2], self._history[-1]
         ratios = {k: last[k] / max(prev[k], 1e-12) for k in TASKS}
-        exps = {k: math.exp(ratios[k] / self.temperature) for k in TASKS}
+        # A softmax, shifted by its maximum: a loss rising from ~0 gives an enormous ratio.
+        top = max(ratios.values())
+        exps = {k: math.exp((ratios[k] - top) / self.temperature) for k in TASKS}
         total = sum(exps.values())
         self._w = {k: len(TASKS) * exps[k] / total for k in TASKS}
 

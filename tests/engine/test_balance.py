@@ -55,3 +55,11 @@ def test_gradnorm_moves_weight_toward_the_task_with_the_smaller_gradient():
 def test_unknown_balancer():
     with pytest.raises(UnknownName):
         make_balancer("nope", device=torch.device("cpu"), shared=torch.nn.Parameter(torch.ones(1)))
+
+
+def test_dwa_survives_a_loss_rising_from_zero():
+    b = DWA()
+    b.end_window({"forget": 1e-30, "recover": 1.0})
+    b.end_window({"forget": 5.0, "recover": 1.0})  # ratio 5e30: exp would overflow unshifted
+    w = b.weights()
+    assert w["forget"] == pytest.approx(2.0) and w["recover"] == pytest.approx(0.0, abs=1e-12)
