@@ -283,9 +283,9 @@ class FeatureConstraint(Method):
             # Forgotten but not yet recovered: spend the step on recovery alone.
             active_pressure = 0.0 if forgotten and cfg.early_stop else pressure
 
-            losses["forget"] = active_pressure * losses["forget"]
-            balancer.before_backward(losses)
-            objective = balancer.combine(losses)
+            pushed = {"forget": active_pressure * losses["forget"], "recover": losses["recover"]}
+            balancer.before_backward(pushed)
+            objective = balancer.combine(pushed)
             opt.zero_grad(set_to_none=True)
             objective.backward()  # type: ignore[no-untyped-call]
             opt.step()
