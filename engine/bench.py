@@ -73,10 +73,12 @@ def original_model(
 
 
 def _variants(methods: Sequence[str], ablation: bool) -> list[tuple[str, str, dict[str, Any]]]:
-    """(label, method, options) for each configuration to run."""
+    """(label, method, options) for each configuration to run; the ablation adds the default
+    method once per balancer (sharing the run's retrain reference)."""
+    runs: list[tuple[str, str, dict[str, Any]]] = [(m, m, {}) for m in methods if m != "retrain"]
     if ablation:
-        return [(f"{DEFAULT_METHOD}[{b}]", DEFAULT_METHOD, {"balancer": b}) for b in BALANCERS]
-    return [(m, m, {}) for m in methods if m != "retrain"]
+        runs += [(f"{DEFAULT_METHOD}[{b}]", DEFAULT_METHOD, {"balancer": b}) for b in BALANCERS]
+    return runs
 
 
 def run_bench(
@@ -186,9 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scenario", default="random",
                    help=f"one of {', '.join(SCENARIOS)}, a comma list, or 'all'")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--methods", default="all", help="'all' or a comma list of method names")
+    p.add_argument("--methods", default="all",
+                   help="'all', 'none' (with --ablation) or a comma list of method names")
     p.add_argument("--ablation", action="store_true",
-                   help=f"compare the balancers ({', '.join(BALANCERS)}) of {DEFAULT_METHOD}")
+                   help=f"also run {DEFAULT_METHOD} with each balancer ({', '.join(BALANCERS)})")
     p.add_argument("--arch", default=None, help="architecture (default: small_cnn / resnet18)")
     p.add_argument("--epochs", type=int, default=Recipe.epochs)
     p.add_argument("--lr", type=float, default=Recipe.lr)
@@ -218,7 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for s in scenarios:
         if s not in SCENARIOS:
             raise SystemExit(f"unknown scenario {s!r}; known: {', '.join(SCENARIOS)}")
-    methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
+    named = {"all": list(METHODS), "none": []}
+    methods = named[args.methods] if args.methods in named else args.methods.split(",")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
