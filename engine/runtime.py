@@ -132,9 +132,3 @@ class Reporter:
         """Called once per optimisation step: cancel check, then a throttled report."""
         self.check_cancel()
         self.report(progress)
-
-
-def set_seed(seed: int) -> None:
-    """Seed torch and numpy global generators (methods also keep their own generators)."""
-    torch.manual_seed(seed)
-    np.random.seed(seed % (2**32))

@@ -10,7 +10,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from engine.archs import Classifier, build_model
+from engine.archs import Classifier
 from engine.errors import InvalidInput
 from engine.methods import DEFAULT_METHOD, UnlearnContext, make_method
 from engine.metrics import gaps, verification_metrics
@@ -130,8 +130,3 @@ def unlearn(
         teacher_seed=teacher_seed, history=out.history, reference=reference, gaps=gap,
         extra=out.extra,
     )
-
-
-def random_teacher(arch: str, num_classes: int, data: DeviceData, seed: int) -> Classifier:
-    """The frozen random-initialised teacher for `seed` (what `zrf` compares against)."""
-    return build_model(arch, num_classes, data.dataset.input_shape, seed=seed).to(data.device).eval()

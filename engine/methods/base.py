@@ -116,13 +116,6 @@ class Method(ABC):
         """Return a model that has forgotten `ctx.forget_idx`."""
 
 
-def freeze(model: nn.Module) -> nn.Module:
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from engine.archs import Classifier
 from engine.balance import BALANCERS, make_balancer
 from engine.errors import InvalidInput
-from engine.methods.base import Method, MethodOutput, UnlearnContext
+from engine.methods.base import Method, MethodOutput, UnlearnContext, freeze_batchnorm
 from engine.metrics import infer
 from engine.runtime import autocast
 from engine.training import make_optimizer
@@ -156,13 +156,6 @@ def _last_shared_parameter(model: Classifier) -> nn.Parameter:
     return shared[-1]
 
 
-def _freeze_batchnorm(model: nn.Module) -> None:
-    """Keep BatchNorm statistics as trained: forget batches must not shift them."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
-
-
 class FeatureConstraint(Method):
     name = "feature_constraint"
 
@@ -206,8 +199,7 @@ class FeatureConstraint(Method):
         cfg = cast("FeatureConstraint.Config", self.config)
         recovery_idx = self.recovery_subset(ctx)
         monitor = forget_monitor(ctx, recovery_idx, cfg.heldout_probe)
-        model = ctx.student()
-        _freeze_batchnorm(model)
+        model = freeze_batchnorm(ctx.student())
         teacher = ctx.teacher()
 
         balancer = make_balancer(cfg.balancer, device=ctx.device, shared=_last_shared_parameter(model))
