@@ -37,7 +37,17 @@ def test_celery_app_configuration(tmp_path: Path) -> None:
     assert conf.accept_content == ["json"] and conf.task_serializer == "json"
     assert conf.task_routes[RUN_JOB] == {"queue": QUEUE} and QUEUE == "gpu"
     assert conf.broker_url.startswith("sqla+sqlite:///")
-    assert RUN_JOB not in app.tasks
+    # The factory must not import the task module (that would load the engine into the API).
+    # Checked in a fresh interpreter: elsewhere in the suite the task module is imported,
+    # and its shared task then registers itself with every Celery app.
+    code = (
+        "import sys\n"
+        "from app.settings import Settings\n"
+        "from worker.celery_app import RUN_JOB, create_celery\n"
+        f"app = create_celery(Settings(var_dir={str(tmp_path)!r}))\n"
+        "assert RUN_JOB not in app.tasks and 'worker.tasks' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
 
 
 def test_dispatch_puts_the_job_id_on_redis(redis_url: str, tmp_path: Path) -> None:
