@@ -7,15 +7,29 @@ Two tasks share one model and one optimiser:
            architecture (it never saw them, so its features stand in for "not learned");
 - recover: L_R = CE(h(phi_theta(x_r)), y_r) on a small random subset of the retain pool.
 
-A balancer (`engine.balance`) weights the two so neither dominates, and a stopping rule
-watches the verification signal: the method stops as soon as the forget set looks like data
-the model never trained on. The reference for "never trained on" is measured once on held-out
-samples with the original model — its per-class accuracy, and the loss threshold of a
-membership attack fitted on retain-vs-held-out losses — with one correction: classes that no
-retained sample carries any more must not be recognised at all (target accuracy and
-membership 0). The statistics are read off the forget batches the method already computes,
-so stopping costs nothing extra. The model returned is the one that first meets the target,
-or, if none does within the budget, the one closest to it.
+A balancer (`engine.balance`, DWA by default: the ablation in the README) weights the two,
+and the verification signal steers the run:
+
+- Stop. The method stops as soon as the forget set looks like data the model never trained
+  on and retained data is back to the original's accuracy. "Never trained on" is measured
+  once with the original model on held-out samples: the loss threshold of a membership
+  attack fitted on retain-vs-held-out losses, and how often held-out samples of each class
+  fall under it. A forget sample of a class the retain pool still carries should fall under
+  it no more often than those do (a retrained model still recognises a typical digit it
+  never saw, so its accuracy is left to generalisation); a sample of a class no retained
+  sample carries must be neither recognised nor called member. When losses do not separate
+  members at all, the threshold is the held-out median. The statistics are read off the
+  forget batches the method computes anyway, so watching them costs nothing.
+- Push. Whole-class deletions need far more forgetting than sample deletions: the forget
+  loss is scaled by `max_pressure ** (fraction of forget samples whose class is gone)` and
+  doubled whenever a full pass over the forget set closes too little of the distance.
+- Recover. Once the forget set is on target but retained accuracy is not, steps go to
+  recovery alone.
+
+Without a stop within the budget the method returns the model closest to the target.
+Known limit: a sample memorised against its visual class (label noise) already has a higher
+loss than typical held-out samples, so this loss-based signal cannot see it; `early_stop=False`
+runs the plain fixed budget.
 """
 
 from __future__ import annotations
