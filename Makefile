@@ -29,7 +29,7 @@ run: $(STAMP)
 	$(BIN)/lethe serve
 
 bench: $(STAMP)
-	$(BIN)/lethe bench --dataset mnist5k --scenario random --seeds 3 --methods all --json bench-random.json
+	$(BIN)/lethe bench --dataset mnist5k --scenario all --seeds 3 --methods all --ablation --json var/bench.json
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
