@@ -68,14 +68,14 @@ def _ts(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
-def _redis_deployment() -> tuple[dict[str, str], object]:
+def _redis_deployment(prefix: str = "lethe_dispatch") -> tuple[dict[str, str], object]:
     """A fresh PostgreSQL database and an empty Redis database number, plus their cleanup."""
     import redis
     from sqlalchemy import create_engine, text
     from sqlalchemy.engine import make_url
 
     admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    name = f"lethe_dispatch_{secrets.token_hex(5)}"
+    name = f"{prefix}_{secrets.token_hex(5)}"
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     db = next(n for n in range(15, 0, -1) if redis.Redis.from_url(f"{REDIS_URL}/{n}").dbsize() == 0)
