@@ -22,7 +22,8 @@ and the verification signal steers the run:
   forget batches the method computes anyway, so watching them costs nothing.
 - Push. Whole-class deletions need far more forgetting than sample deletions: the forget
   loss is scaled by `max_pressure ** (fraction of forget samples whose class is gone)` and
-  doubled whenever a full pass over the forget set closes too little of the distance.
+  doubled whenever a full pass over the forget set closes too little of the distance; the
+  step budget grows by the same fraction (up to twice `max_epochs` passes) to recover from it.
 - Recover. Once the forget set is on target but retained accuracy is not, steps go to
   recovery alone.
 
@@ -223,10 +224,8 @@ class FeatureConstraint(Method):
         )
         forget_bs = min(cfg.forget_batch_size, len(ctx.forget_idx))
         window = math.ceil(len(ctx.forget_idx) / forget_bs)  # one pass over the forget set
-        total = max(cfg.min_steps, math.ceil(cfg.max_epochs * window))
         rng = ctx.generator(salt=2)
 
-        # The teacher's features of the forget set never change: compute them once.
         # The teacher's features of the forget set never change: compute them once.
         with torch.no_grad():
             teacher_feats = torch.cat([teacher.features(x).float()
@@ -239,6 +238,9 @@ class FeatureConstraint(Method):
         # Samples of a class the retain pool no longer carries must be forgotten outright;
         # samples of a present class only need to look unseen. Start pushing accordingly.
         pressure = cfg.max_pressure ** float(monitor.absent.mean())
+        # ...and give them the budget to recover from that push: up to twice the passes.
+        total = max(cfg.min_steps,
+                    math.ceil(cfg.max_epochs * window * (1.0 + float(monitor.absent.mean()))))
         last_pass_gap: float | None = None
         retain_acc: float | None = None
         forget_order = rng.permutation(ctx.forget_idx)
