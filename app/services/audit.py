@@ -83,27 +83,12 @@ def append_event(
     payload = json.loads(canonical_json(data or {}))
     at = rfc3339(utcnow())
     assert at is not None
+    fields: dict[str, Any] = dict(
+        seq=seq, at=at, actor=actor, action=action, subject=subject, model=model,
+        request_id=request_id, prev_hash=prev,
+    )
     event = AuditEvent(
-        seq=seq,
-        at=at,
-        actor=actor,
-        action=action,
-        subject=subject,
-        model=model,
-        request_id=request_id,
-        data=canonical_json(payload),
-        prev_hash=prev,
-        hash=event_hash(
-            seq=seq,
-            at=at,
-            actor=actor,
-            action=action,
-            subject=subject,
-            model=model,
-            request_id=request_id,
-            data=payload,
-            prev_hash=prev,
-        ),
+        **fields, data=canonical_json(payload), hash=event_hash(**fields, data=payload)
     )
     session.add(event)
     session.flush()

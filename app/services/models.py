@@ -111,6 +111,27 @@ def _new_model(
     )
 
 
+def _record_registration(
+    session: Session, *, actor: str, model: ModelRow, dataset: str, init: str
+) -> None:
+    """The `model.registered` audit event, for either way a model comes in."""
+    append_event(
+        session,
+        actor=actor,
+        action="model.registered",
+        subject=f"model:{model.name}",
+        model=model.name,
+        data={
+            "dataset": dataset,
+            "architecture": model.architecture,
+            "num_classes": model.num_classes,
+            "recipe": model.recipe,
+            "policy": model.policy,
+            "init": init,
+        },
+    )
+
+
 def register_model_train(
     session: Session,
     *,
@@ -143,21 +164,7 @@ def register_model_train(
     except BaseException:
         session.rollback()
         raise
-    append_event(
-        session,
-        actor=principal.name,
-        action="model.registered",
-        subject=f"model:{name}",
-        model=name,
-        data={
-            "dataset": dataset,
-            "architecture": architecture,
-            "num_classes": num_classes,
-            "recipe": recipe,
-            "policy": model.policy,
-            "init": "train",
-        },
-    )
+    _record_registration(session, actor=principal.name, model=model, dataset=dataset, init="train")
     job = create_job(session, model, kind="train", method="train", actor=principal.name)
     session.commit()
     body = model_public(session, model)
@@ -257,21 +264,7 @@ def register_model_upload(
     )
     model.latest_version = 1
     session.flush()
-    append_event(
-        session,
-        actor=principal.name,
-        action="model.registered",
-        subject=f"model:{name}",
-        model=name,
-        data={
-            "dataset": dataset,
-            "architecture": architecture,
-            "num_classes": num_classes,
-            "recipe": recipe,
-            "policy": model.policy,
-            "init": "upload",
-        },
-    )
+    _record_registration(session, actor=principal.name, model=model, dataset=dataset, init="upload")
     append_event(
         session,
         actor=principal.name,
