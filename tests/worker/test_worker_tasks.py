@@ -110,8 +110,12 @@ def test_job_claimed_twice_runs_once(any_world: World) -> None:
     assert world.job(job_id).attempts == 1
 
 
-def test_cancellation_flag_stops_a_running_job(world: World) -> None:
-    long_recipe = {**{"optimizer": "sgd", "lr": 0.01, "batch_size": 8, "seed": 0}, "epochs": 400}
+def _start_long_train_job(world: World) -> tuple[str, threading.Thread, dict[str, Any]]:
+    """A 400-epoch train job running on worker w1 in a thread, past its first training step.
+
+    Returns the job id, the thread, and the dict that receives `run_job`'s result as "run".
+    """
+    long_recipe = {"optimizer": "sgd", "lr": 0.01, "batch_size": 8, "seed": 0, "epochs": 400}
     job_id = world.register_model(recipe=long_recipe)
     result: dict[str, Any] = {}
     runner = threading.Thread(
@@ -123,6 +127,11 @@ def test_cancellation_flag_stops_a_running_job(world: World) -> None:
     while world.job(job_id).phase != "training" or world.job(job_id).step == 0:
         assert time.monotonic() < deadline and runner.is_alive(), world.job(job_id).error
         time.sleep(0.05)
+    return job_id, runner, result
+
+
+def test_cancellation_flag_stops_a_running_job(world: World) -> None:
+    job_id, runner, result = _start_long_train_job(world)
     asked = time.monotonic()
     with world.sessions() as s:
         job_service.cancel_job(s, job_id, actor="test")
@@ -239,18 +248,7 @@ def test_worker_modules_do_not_import_torch() -> None:
 
 
 def test_a_worker_that_lost_its_claim_stops_without_publishing(world: World) -> None:
-    long_recipe = {"optimizer": "sgd", "lr": 0.01, "batch_size": 8, "seed": 0, "epochs": 400}
-    job_id = world.register_model(recipe=long_recipe)
-    result: dict[str, Any] = {}
-    runner = threading.Thread(
-        target=lambda: result.update(run=run_job(job_id, worker="w1", settings=world.settings,
-                                                 sessions=world.sessions, store=world.store)),
-    )
-    runner.start()
-    deadline = time.monotonic() + 120
-    while world.job(job_id).phase != "training" or world.job(job_id).step == 0:
-        assert time.monotonic() < deadline and runner.is_alive(), world.job(job_id).error
-        time.sleep(0.05)
+    job_id, runner, result = _start_long_train_job(world)
     # As if w1's heartbeat had expired: the sweeper's redelivery lets w2 take the job over.
     with world.sessions() as s:
         ticket = job_service.claim_job(s, job_id, "w2", heartbeat_timeout_s=0.0)
@@ -267,19 +265,8 @@ def test_a_worker_that_lost_its_claim_stops_without_publishing(world: World) -> 
 def test_worker_shutdown_interrupts_the_job_and_leaves_it_to_be_rerun(world: World) -> None:
     from celery.signals import worker_shutting_down
 
-    long_recipe = {"optimizer": "sgd", "lr": 0.01, "batch_size": 8, "seed": 0, "epochs": 400}
-    job_id = world.register_model(recipe=long_recipe)
-    result: dict[str, Any] = {}
-    runner = threading.Thread(
-        target=lambda: result.update(run=run_job(job_id, worker="w1", settings=world.settings,
-                                                 sessions=world.sessions, store=world.store)),
-    )
-    runner.start()
+    job_id, runner, result = _start_long_train_job(world)
     try:
-        deadline = time.monotonic() + 120
-        while world.job(job_id).phase != "training" or world.job(job_id).step == 0:
-            assert time.monotonic() < deadline and runner.is_alive(), world.job(job_id).error
-            time.sleep(0.05)
         # What Celery sends when the worker gets SIGTERM (warm) or SIGQUIT (cold).
         worker_shutting_down.send(sender="w1", sig="SIGTERM", how="Warm", exitcode=0)
         runner.join(timeout=30)
