@@ -198,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=Recipe.batch_size)
     p.add_argument("--throughput", action="store_true",
                    help="time an unlearning step against a plain training step (resnet18, 32x32)")
+    p.add_argument("--loops", action="store_true",
+                   help="with --throughput: also time the shipped unlearning loop against train_model")
     p.add_argument("--throughput-batch", type=int, default=256)
     p.add_argument("--throughput-steps", type=int, default=20)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
@@ -211,8 +213,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.throughput:
         from engine.throughput import measure
 
-        result = measure(arch=args.arch or "resnet18", batch_size=args.throughput_batch,
-                         steps=args.throughput_steps, device=args.device)
+        result: dict[str, Any] = measure(arch=args.arch or "resnet18", batch_size=args.throughput_batch,
+                                         steps=args.throughput_steps, device=args.device)
+        if args.loops:
+            from engine.throughput import measure_loops
+
+            result = {"step": result, "loops": measure_loops(arch=args.arch or "resnet18",
+                                                             device=args.device)}
         print(json.dumps(result, indent=1))
         if args.json:
             args.json.write_text(json.dumps(result, indent=1))

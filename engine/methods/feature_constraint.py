@@ -263,8 +263,9 @@ class FeatureConstraint(Method):
                     "forget": feature_loss(cfg.feature_loss, feats_f.float(), tf),
                     "recover": nn.functional.cross_entropy(logits_r.float(), yr),
                 }
-            with torch.no_grad():  # the verification signal, read off this forward pass
-                logits_f = model.head(feats_f).float()
+                with torch.no_grad():  # the verification signal, read off this forward pass
+                    logits_f = model.head(feats_f.detach()).float()
+            with torch.no_grad():
                 ce_f = nn.functional.cross_entropy(logits_f, yf, reduction="none")
                 monitor.observe(
                     np.asarray([position[int(i)] for i in f_idx]),

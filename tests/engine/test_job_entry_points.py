@@ -60,7 +60,7 @@ def test_unlearn_job_verifies_against_retraining(spec, trained):
     assert set(steps[0].weights) == {"forget", "recover"}
     # The published weights are exactly the ones the metrics describe.
     again = evaluate_checkpoint(spec, out.weights, forget_ids=forget, teacher_seed=4,
-                                original=trained[0].weights)
+                                original=trained[0].weights, device="cpu")
     for name in METRIC_NAMES:
         assert again[name] == pytest.approx(out.metrics[name], abs=1e-9), name
 
@@ -85,3 +85,12 @@ def test_throughput_benchmark_measures_both_loops():
     r = measure(arch="small_cnn", batch_size=8, steps=1, repeats=1, device="cpu")
     assert r["plain_samples_per_s"] > 0 and r["unlearn_samples_per_s"] > 0
     assert r["ratio"] == pytest.approx(r["unlearn_samples_per_s"] / r["plain_samples_per_s"])
+
+
+def test_loop_benchmark_runs_the_shipped_loops():
+    from engine.throughput import measure_loops
+
+    r = measure_loops(arch="small_cnn", n_train=480, forget=128, passes=4, repeats=1, device="cpu")
+    assert r["method_steps"] == 4 and r["samples_per_step"] == 192
+    assert r["plain_loop_samples_per_s"] > 0 and r["method_loop_samples_per_s"] > 0
+    assert r["ratio"] == pytest.approx(r["method_loop_samples_per_s"] / r["plain_loop_samples_per_s"])
