@@ -423,6 +423,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             port=args.port,
             log_level=args.log_level.lower(),
             proxy_headers=True,
+            workers=args.workers,
         )
         return 0
 
@@ -643,6 +644,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-only",
         action="store_true",
         help="serve the API in this process only (production: no worker, no demo)",
+    )
+    s.add_argument(
+        "--workers",
+        type=int,
+        default=int(os.environ.get("LETHE_API_WORKERS", "1")),
+        help="with --api-only: API processes (default: $LETHE_API_WORKERS or 1)",
     )
     s.add_argument("--no-worker", action="store_true", help="do not start the embedded worker")
     s.add_argument("--no-migrate", action="store_true", help="skip `alembic upgrade head`")

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select, text
+from sqlalchemy import insert, select, text
 from sqlalchemy.orm import Session
 
 from app.db.models import AuditEvent
@@ -54,6 +54,54 @@ def event_hash(
     return hashlib.sha256(canonical_json(doc).encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class Event:
+    """One audit event to append: who did what to which subject, with its data."""
+
+    actor: str
+    action: str
+    subject: str
+    data: dict[str, Any] | None = None
+    model: str | None = None
+    request_id: str | None = None
+
+
+def append_events(session: Session, events: Sequence[Event]) -> None:
+    """Add `events`, in order, to the chain inside the caller's transaction (committed with it).
+
+    One INSERT for all of them. Call it late in a transaction: on PostgreSQL it holds the chain
+    lock until commit. The head is remembered for the rest of the transaction, so later
+    appends in it cost one INSERT too.
+    """
+    if not events:
+        return
+    txn = session.get_transaction()
+    cached = session.info.get("audit_head")
+    if cached is not None and txn is not None and cached[0] is txn:
+        seq, prev = cached[1], cached[2]
+    else:
+        if is_postgres(session):
+            session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_KEY})
+        head = session.execute(
+            select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)
+        ).first()
+        seq, prev = (head[0], head[1]) if head else (0, GENESIS)
+    at = rfc3339(utcnow())
+    assert at is not None
+    rows = []
+    for e in events:
+        seq += 1
+        payload = json.loads(canonical_json(e.data or {}))
+        fields: dict[str, Any] = dict(
+            seq=seq, at=at, actor=e.actor, action=e.action, subject=e.subject, model=e.model,
+            request_id=e.request_id, prev_hash=prev,
+        )
+        prev = event_hash(**fields, data=payload)
+        rows.append({**fields, "data": canonical_json(payload), "hash": prev})
+    session.execute(insert(AuditEvent), rows)
+    session.info["audit_head"] = (session.get_transaction(), seq, prev)
+
+
 def append_event(
     session: Session,
     *,
@@ -63,37 +111,9 @@ def append_event(
     data: dict[str, Any] | None = None,
     model: str | None = None,
     request_id: str | None = None,
-) -> AuditEvent:
-    """Add an event to the chain inside the caller's transaction (committed with it).
-
-    Call it late in a transaction: on PostgreSQL it holds the chain lock until commit. The
-    head is remembered for the rest of the transaction, so further events cost one INSERT.
-    """
-    txn = session.get_transaction()
-    cached = session.info.get("audit_head")
-    if cached is not None and txn is not None and cached[0] is txn:
-        seq, prev = cached[1] + 1, cached[2]
-    else:
-        if is_postgres(session):
-            session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _LOCK_KEY})
-        head = session.execute(
-            select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)
-        ).first()
-        seq, prev = (head[0] + 1, head[1]) if head else (1, GENESIS)
-    payload = json.loads(canonical_json(data or {}))
-    at = rfc3339(utcnow())
-    assert at is not None
-    fields: dict[str, Any] = dict(
-        seq=seq, at=at, actor=actor, action=action, subject=subject, model=model,
-        request_id=request_id, prev_hash=prev,
-    )
-    event = AuditEvent(
-        **fields, data=canonical_json(payload), hash=event_hash(**fields, data=payload)
-    )
-    session.add(event)
-    session.flush()
-    session.info["audit_head"] = (session.get_transaction(), seq, event.hash)
-    return event
+) -> None:
+    """Add one event to the chain in the caller's transaction (see `append_events`)."""
+    append_events(session, [Event(actor, action, subject, data, model, request_id)])
 
 
 def event_public(e: AuditEvent) -> dict[str, Any]:

@@ -74,9 +74,10 @@ def chunks(items: Sequence[T], size: int = CHUNK) -> Iterator[Sequence[T]]:
 
 
 def _restricted(
-    session: Session, table: str, column: str, values: Sequence[str], where: str
+    session: Session, table: str, column: str, values: Sequence[str], where: str, join: str = ""
 ) -> list[tuple[str, Any]]:
-    """(FROM ... WHERE ... SQL, bound value) pairs covering `values`, alias `t` for `table`.
+    """(FROM ... WHERE ... SQL, bound value) pairs covering `values`, alias `t` for `table`
+    (followed by `join`, e.g. a LEFT JOIN that may refer to `t`).
 
     PostgreSQL: one statement. Small lists probe the index with `= ANY(:values)`; large ones
     hash-join a JSON array (encoding 100,000 strings as JSON is far cheaper than as a text[]
@@ -86,12 +87,13 @@ def _restricted(
         if len(values) > JOIN_THRESHOLD:
             sql = (
                 f"FROM json_array_elements_text(CAST(:values AS json)) AS v(id) "
-                f"JOIN {table} t ON t.{column} = v.id WHERE {where}"
+                f"JOIN {table} t ON t.{column} = v.id {join} WHERE {where}"
             )
             return [(sql, json.dumps(list(values)))]
-        return [(f"FROM {table} t WHERE t.{column} = ANY(:values) AND {where}", list(values))]
+        return [(f"FROM {table} t {join} WHERE t.{column} = ANY(:values) AND {where}", list(values))]
     return [
-        (f"FROM {table} t WHERE t.{column} IN :values AND {where}", list(part)) for part in chunks(values)
+        (f"FROM {table} t {join} WHERE t.{column} IN :values AND {where}", list(part))
+        for part in chunks(values)
     ]
 
 
@@ -128,12 +130,29 @@ def count_matching(
     params: dict[str, Any],
 ) -> int:
     """How many of `values` (unique) have a row in `table` matching `where`."""
-    total = 0
+    return counts_matching(session, table, column, values, where=where, params=params)[0]
+
+
+def counts_matching(
+    session: Session,
+    table: str,
+    column: str,
+    values: Sequence[str],
+    *,
+    where: str,
+    params: dict[str, Any],
+    join: str = "",
+    counts: Sequence[str] = ("count(*)",),
+) -> tuple[int, ...]:
+    """Several aggregates (`counts`, e.g. `count(x.col)` over a LEFT JOIN `join`) of the rows
+    of `table` whose `column` is one of `values` (unique) and that match `where`, in one query."""
+    totals = [0] * len(counts)
     with _hash_join(session, values):
-        for sql, bound in _restricted(session, table, column, values, where) if values else []:
-            stmt = _with_values(text(f"SELECT count(*) {sql}"), session)
-            total += int(session.scalar(stmt, {**params, "values": bound}) or 0)
-    return total
+        for sql, bound in _restricted(session, table, column, values, where, join) if values else []:
+            stmt = _with_values(text(f"SELECT {', '.join(counts)} {sql}"), session)
+            row = session.execute(stmt, {**params, "values": bound}).one()
+            totals = [total + int(v or 0) for total, v in zip(totals, row, strict=True)]
+    return tuple(totals)
 
 
 @contextmanager

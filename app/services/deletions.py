@@ -14,7 +14,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from app.db.models import DeletionRequest, Job, JobRequest, ModelRow, RequestSample
@@ -31,18 +31,18 @@ from app.errors import (
 )
 from app.services import idempotency
 from app.services.apikeys import Principal
-from app.services.audit import append_event
+from app.services.audit import Event, append_event, append_events
 from app.services.callbacks import check_callback_url, enqueue_callback
 from app.services.common import (
     Page,
     bulk_insert,
-    count_matching,
+    counts_matching,
     decode_cursor,
     encode_cursor,
     matching_values,
     new_id,
 )
-from app.services.jobs import audit_job_queued, cancel_in_transaction, create_job
+from app.services.jobs import cancel_in_transaction, create_job, job_queued_event
 from app.services.policy import METHOD_NAMES
 from app.services.views import request_public
 from app.settings import Settings
@@ -60,14 +60,6 @@ class Submitted:
 
 def _get_model(session: Session, name: str) -> ModelRow:
     model = session.scalar(select(ModelRow).where(ModelRow.name == name))
-    if model is None:
-        session.rollback()
-        raise ModelNotFound(f"no model named {name!r}", model=name)
-    return model
-
-
-def _lock_model(session: Session, name: str) -> ModelRow:
-    model = session.scalar(select(ModelRow).where(ModelRow.name == name).with_for_update(key_share=True))
     if model is None:
         session.rollback()
         raise ModelNotFound(f"no model named {name!r}", model=name)
@@ -171,16 +163,104 @@ def _create(
     # Validation and the bulk insert run before the model lock: the lock (and, on
     # PostgreSQL, the audit chain's) is held only for the job join and the final events.
     m = _get_model(session, model)
-    # Count first: the common case (every ID a known training sample) moves no rows back.
-    train_count = count_matching(
+    forgotten = _check_sample_ids(session, m, sample_ids)
+    now = utcnow()
+    all_forgotten = len(forgotten) == len(sample_ids)
+    req = DeletionRequest(
+        id=new_id("dr"),
+        model_id=m.id,
+        status="succeeded" if all_forgotten else "accepted",
+        sample_count=len(sample_ids),
+        already_forgotten_count=len(forgotten),
+        subject_ref=subject_ref,
+        reason=reason,
+        method=method,
+        verify=verify,
+        callback_url=callback_url,
+        api_key_id=principal.id,
+        job_id=None,
+        result_version=m.latest_version if all_forgotten else None,
+        verdict=None,
+        metrics=None,
+        error=None,
+        received_at=now,
+        started_at=now if all_forgotten else None,
+        finished_at=now if all_forgotten else None,
+    )
+    # Written with plain INSERTs; `req` stays a transient object the response is built from.
+    session.execute(insert(DeletionRequest), [_columns(req)])
+    bulk_insert(
+        session,
+        RequestSample.__table__,  # type: ignore[arg-type]
+        ({"request_id": req.id, "sample_id": s, "already_forgotten": s in forgotten} for s in sample_ids),
+    )
+    accepted = Event(
+        principal.name,
+        "request.accepted",
+        f"request:{req.id}",
+        {
+            "sample_count": len(sample_ids),
+            "already_forgotten_count": len(forgotten),
+            "sample_ids_sha256": hashlib.sha256("\n".join(sorted(sample_ids)).encode()).hexdigest(),
+            "subject_ref": subject_ref,
+            "reason": reason,
+            "method": method,
+            "verify": verify,
+        },
+        m.name,
+        req.id,
+    )
+    enqueue: str | None = None
+    if all_forgotten:
+        note = {"result_version": m.latest_version, "note": "every ID was already forgotten"}
+        append_events(session, [
+            accepted,
+            Event(principal.name, "request.succeeded", f"request:{req.id}", note, m.name, req.id),
+        ])
+        enqueue_callback(session, req, m.name)
+    else:
+        job_id, new_job = _join_or_create_job(session, m, method, verify, method_options, principal)
+        enqueue = new_job.id if new_job is not None else None
+        req.status, req.job_id = "queued", job_id
+        session.execute(
+            update(DeletionRequest).where(DeletionRequest.id == req.id).values(status="queued", job_id=job_id)
+        )
+        session.execute(insert(JobRequest), [{"job_id": job_id, "request_id": req.id}])
+        # The audit chain's lock is taken last, so it is held only for this insert and commit.
+        events = [accepted]
+        if new_job is not None:
+            events.append(job_queued_event(new_job, m.name, actor=principal.name))
+        queued = {"job_id": job_id, "coalesced": new_job is None}
+        events.append(Event(principal.name, "request.queued", f"request:{req.id}", queued, m.name, req.id))
+        append_events(session, events)
+    resource = request_public(req, m.name)
+    if idempotency_row:
+        idempotency.finish(session, idempotency_row, 202, resource, req.id)
+    session.commit()
+    return Submitted(202, resource, enqueue)
+
+
+def _columns(row: DeletionRequest) -> dict[str, Any]:
+    return {c.key: getattr(row, c.key) for c in DeletionRequest.__table__.columns}
+
+
+def _check_sample_ids(session: Session, m: ModelRow, sample_ids: list[str]) -> set[str]:
+    """The already-forgotten IDs among `sample_ids`; unknown or test-split IDs are refused.
+
+    The common case (every ID a training sample, none forgotten) is one query that moves
+    two counts back, whatever the number of IDs.
+    """
+    train, forgotten_count = counts_matching(
         session,
         "samples",
         "sample_id",
         sample_ids,
         where="t.dataset_id = :ds AND t.split = 'train'",
-        params={"ds": m.dataset_id},
+        join="LEFT JOIN tombstones tb ON tb.model_id = :m AND tb.sample_id = t.sample_id",
+        params={"ds": m.dataset_id, "m": m.id},
+        counts=("count(*)", "count(tb.sample_id)"),
     )
-    if train_count != len(sample_ids):
+    if train != len(sample_ids):
         split_of = {
             r[0]: r[1]
             for r in matching_values(
@@ -198,126 +278,54 @@ def _create(
         if unknown:
             raise UnknownSampleIds(unknown)
         raise TestSplitSamples([s for s, sp in split_of.items() if sp != "train"])
-    forgotten = {
+    if not forgotten_count:
+        return set()
+    return {
         r[0]
         for r in matching_values(
-            session,
-            "tombstones",
-            "sample_id",
-            sample_ids,
-            where="t.model_id = :m",
-            params={"m": m.id},
+            session, "tombstones", "sample_id", sample_ids, where="t.model_id = :m", params={"m": m.id}
         )
     }
-    now = utcnow()
-    req = DeletionRequest(
-        id=new_id("dr"),
-        model_id=m.id,
-        status="accepted",
-        sample_count=len(sample_ids),
-        already_forgotten_count=len(forgotten),
-        subject_ref=subject_ref,
-        reason=reason,
+
+
+def _join_or_create_job(
+    session: Session,
+    m: ModelRow,
+    method: str,
+    verify: str,
+    method_options: dict[str, Any],
+    principal: Principal,
+) -> tuple[str, Job | None]:
+    """Under the model's lock: the id of the queued job the request joins, and the job if it
+    had to be created (same method, verification and options, not being cancelled)."""
+    session.execute(
+        select(ModelRow.id).where(ModelRow.id == m.id).with_for_update(key_share=True)
+    )
+    row = session.execute(
+        select(Job.id, Job.method_options)
+        .where(Job.model_id == m.id)
+        .where(Job.status == "queued")
+        .where(Job.kind.in_(("unlearn", "retrain")))
+        .where(Job.method == method)
+        .where(Job.verify == verify)
+        .where(Job.cancel_requested.is_(False))
+        .order_by(Job.position.desc())
+        .limit(1)
+        .with_for_update(key_share=True)
+    ).first()
+    if row is not None and (row.method_options or {}) == method_options:
+        return str(row.id), None
+    job = create_job(
+        session,
+        m,
+        kind="retrain" if method == "retrain" else "unlearn",
         method=method,
         verify=verify,
-        callback_url=callback_url,
-        api_key_id=principal.id,
-        received_at=now,
+        method_options=method_options,
+        actor=principal.name,
+        audit=False,
     )
-    session.add(req)
-    session.flush()
-    bulk_insert(
-        session,
-        RequestSample.__table__,  # type: ignore[arg-type]
-        ({"request_id": req.id, "sample_id": s, "already_forgotten": s in forgotten} for s in sample_ids),
-    )
-    digest = hashlib.sha256("\n".join(sorted(sample_ids)).encode()).hexdigest()
-    enqueue: str | None = None
-    new_job: Job | None = None
-    accepted = {
-        "sample_count": len(sample_ids),
-        "already_forgotten_count": len(forgotten),
-        "sample_ids_sha256": digest,
-        "subject_ref": subject_ref,
-        "reason": reason,
-        "method": method,
-        "verify": verify,
-    }
-
-    def audit_accepted() -> None:
-        append_event(
-            session,
-            actor=principal.name,
-            action="request.accepted",
-            subject=f"request:{req.id}",
-            model=m.name,
-            request_id=req.id,
-            data=accepted,
-        )
-
-    if len(forgotten) == len(sample_ids):
-        req.status, req.finished_at, req.started_at = "succeeded", now, now
-        req.result_version = m.latest_version
-        session.flush()
-        audit_accepted()
-        append_event(
-            session,
-            actor=principal.name,
-            action="request.succeeded",
-            subject=f"request:{req.id}",
-            model=m.name,
-            request_id=req.id,
-            data={"result_version": m.latest_version, "note": "every ID was already forgotten"},
-        )
-        enqueue_callback(session, req, m.name)
-    else:
-        _lock_model(session, model)
-        job = session.scalar(
-            select(Job)
-            .where(Job.model_id == m.id)
-            .where(Job.status == "queued")
-            .where(Job.kind.in_(("unlearn", "retrain")))
-            .where(Job.method == method)
-            .where(Job.verify == verify)
-            .where(Job.cancel_requested.is_(False))
-            .order_by(Job.position.desc())
-            .limit(1)
-            .with_for_update(key_share=True)
-        )
-        if job is None or job.status != "queued" or (job.method_options or {}) != method_options:
-            new_job = create_job(
-                session,
-                m,
-                kind="retrain" if method == "retrain" else "unlearn",
-                method=method,
-                verify=verify,
-                method_options=method_options,
-                actor=principal.name,
-                audit=False,
-            )
-            job = new_job
-            enqueue = job.id
-        req.status, req.job_id = "queued", job.id
-        session.add(JobRequest(job_id=job.id, request_id=req.id))
-        session.flush()
-        # The audit chain's lock is taken last, so it is held only for these inserts.
-        audit_accepted()
-        if new_job is not None:
-            audit_job_queued(session, new_job, m.name, actor=principal.name)
-        append_event(
-            session,
-            actor=principal.name,
-            action="request.queued",
-            subject=f"request:{req.id}",
-            model=m.name,
-            request_id=req.id,
-            data={"job_id": job.id, "coalesced": new_job is None},
-        )
-    resource = request_public(req, m.name)
-    if idempotency_row:
-        idempotency.finish(session, idempotency_row, 202, resource, req.id)
-    session.commit()
-    return Submitted(202, resource, enqueue)
+    return job.id, job
 
 
 def _load(session: Session, request_id: str, *, lock: bool = False) -> tuple[DeletionRequest, str]:

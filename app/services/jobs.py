@@ -40,7 +40,7 @@ from app.db.models import (
 from app.db.types import rfc3339, utcnow
 from app.errors import Conflict, JobNotFound, NotCancellable, StaleAttempt
 from app.services import policy as policy_rules
-from app.services.audit import append_event
+from app.services.audit import Event, append_event, append_events
 from app.services.callbacks import enqueue_callback
 from app.services.common import Page, bulk_insert, decode_cursor, encode_cursor, new_id
 from app.services.views import job_public
@@ -176,15 +176,13 @@ def next_queued_job_id(session: Session, model_id: int) -> str | None:
     return first.id
 
 
-def audit_job_queued(session: Session, job: Job, model_name: str, *, actor: str) -> None:
+def job_queued_event(job: Job, model_name: str, *, actor: str) -> Event:
     """The `job.queued` audit event of a new job."""
-    append_event(
-        session,
-        actor=actor,
-        action="job.queued",
-        subject=f"job:{job.id}",
-        model=model_name,
-        data={
+    return Event(
+        actor,
+        "job.queued",
+        f"job:{job.id}",
+        {
             "kind": job.kind,
             "method": job.method,
             "verify": job.verify,
@@ -192,7 +190,13 @@ def audit_job_queued(session: Session, job: Job, model_name: str, *, actor: str)
             "teacher_seed": job.teacher_seed,
             "fallback_of": job.fallback_of,
         },
+        model_name,
     )
+
+
+def audit_job_queued(session: Session, job: Job, model_name: str, *, actor: str) -> None:
+    """Append the `job.queued` audit event of a new job."""
+    append_events(session, [job_queued_event(job, model_name, actor=actor)])
 
 
 def create_job(
