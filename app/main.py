@@ -13,9 +13,11 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from pydantic.json_schema import models_json_schema
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api import audit, datasets, deletions, jobs, models, ops
+from app.api.schemas import ModelCreate, Problem
 from app.db import create_db_engine, create_session_factory
 from app.dispatch import Dispatcher
 from app.errors import PROBLEM_JSON, PayloadTooLarge, install_handlers
@@ -94,6 +96,28 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
+class LetheAPI(FastAPI):
+    """FastAPI whose OpenAPI document also carries the schemas that hand-written parts of it
+    refer to: `Problem` (every error response, `application/problem+json`) and `ModelCreate`
+    (the JSON body of `POST /v1/models`, which the route parses itself)."""
+
+    def openapi(self) -> dict[str, Any]:
+        """The generated document plus the referenced component schemas."""
+        document = super().openapi()
+        schemas = document.setdefault("components", {}).setdefault("schemas", {})
+        if not all(model.__name__ in schemas for model in _REFERENCED_MODELS):
+            _, top = models_json_schema(
+                [(model, "validation") for model in _REFERENCED_MODELS],
+                ref_template="#/components/schemas/{model}",
+            )
+            for name, schema in top["$defs"].items():
+                schemas.setdefault(name, schema)
+        return document
+
+
+_REFERENCED_MODELS = (Problem, ModelCreate)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the Lethe API for `settings` (default: the environment's)."""
     settings = settings or get_settings()
@@ -117,7 +141,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 loop.stop()
             engine.dispose()
 
-    app = FastAPI(
+    app = LetheAPI(
         title="Lethe",
         version="0.1.0",
         summary="Verified deletion of training samples from image classifiers",

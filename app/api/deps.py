@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Annotated
 
-from fastapi import Depends, Query, Request
+from fastapi import Depends, Query, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from app.errors import Forbidden, Unauthorized
@@ -32,11 +33,18 @@ def get_store(request: Request) -> Store:
     return store
 
 
+#: Declares the Bearer scheme in the OpenAPI document; `require` does the checking itself so
+#: that every refusal is a problem+json 401/403.
+_BEARER = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer <key>`")
+
+
 def require(scope: str) -> Callable[..., Principal]:
     """A dependency admitting callers whose key holds `scope` (or `admin`)."""
 
     def dependency(
-        request: Request, session: Annotated[Session, Depends(get_session)]
+        request: Request,
+        session: Annotated[Session, Depends(get_session)],
+        _declared: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)],
     ) -> Principal:
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")

@@ -6,7 +6,7 @@ import json
 import re
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Request
+from fastapi import APIRouter, Depends, Header, Path, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
@@ -239,24 +239,58 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | None:
     return start, min(end, size - 1)
 
 
+_DOWNLOAD_HEADERS = {
+    "ETag": {"description": "The sha256 of the file, quoted (strong)", "schema": {"type": "string"}},
+    "Accept-Ranges": {"schema": {"type": "string", "enum": ["bytes"]}},
+    "Content-Disposition": {
+        "description": "attachment; filename=\"{model}-v{n}.safetensors\"",
+        "schema": {"type": "string"},
+    },
+}
+_BINARY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+
+
 @router.get(
     "/{name}/versions/{n}/checkpoint",
     responses={
         **PROBLEM_RESPONSES,
-        200: {"content": {"application/octet-stream": {}}},
-        206: {"content": {"application/octet-stream": {}}},
-        304: {"description": "Not modified"},
-        416: {"description": "Range not satisfiable"},
+        200: {"description": "The whole file", "content": _BINARY, "headers": _DOWNLOAD_HEADERS},
+        206: {
+            "description": "The requested byte range",
+            "content": _BINARY,
+            "headers": {
+                **_DOWNLOAD_HEADERS,
+                "Content-Range": {
+                    "schema": {"type": "string", "pattern": r"^bytes [0-9]+-[0-9]+/[0-9]+$"}
+                },
+            },
+        },
+        304: {"description": "Not modified (If-None-Match matched the ETag)", "headers": _DOWNLOAD_HEADERS},
+        416: {
+            "description": "Range not satisfiable",
+            "headers": {
+                **_DOWNLOAD_HEADERS,
+                "Content-Range": {"schema": {"type": "string", "pattern": r"^bytes \*/[0-9]+$"}},
+            },
+        },
     },
     response_class=StreamingResponse,
 )
 def download_checkpoint(
     name: NamePath,
     n: VersionPath,
-    request: Request,
     session: SessionDep,
     store: StoreDep,
     principal: Annotated[Principal, Depends(require("models:download"))],
+    range_header: Annotated[
+        str | None, Header(alias="Range", description="One byte range, `bytes=first-last`")
+    ] = None,
+    if_range: Annotated[
+        str | None, Header(alias="If-Range", description="Honour Range only for this ETag")
+    ] = None,
+    if_none_match: Annotated[
+        str | None, Header(alias="If-None-Match", description="ETags the client holds, or *")
+    ] = None,
 ) -> Response:
     """The safetensors file, streamed; strong ETag = sha256; Range and If-Range honoured."""
     ck = models.checkpoint_file(session, store, name, n)
@@ -267,12 +301,11 @@ def download_checkpoint(
         "Content-Disposition": f'attachment; filename="{ck.filename}"',
         "Cache-Control": "private, max-age=31536000, immutable",
     }
-    inm = request.headers.get("if-none-match")
-    if inm and (inm.strip() == "*" or etag in [t.strip() for t in inm.split(",")]):
+    if if_none_match and (
+        if_none_match.strip() == "*" or etag in [t.strip() for t in if_none_match.split(",")]
+    ):
         return Response(status_code=304, headers=base)
     byte_range: tuple[int, int] | None = None
-    range_header = request.headers.get("range")
-    if_range = request.headers.get("if-range")
     if range_header and (if_range is None or if_range.strip() == etag):
         try:
             byte_range = _parse_range(range_header, ck.size_bytes)

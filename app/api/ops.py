@@ -10,18 +10,23 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
+from app.api.schemas import Health, Readiness
 from app.db.migrate import at_head
 
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/healthz")
+@router.get("/healthz", response_model=Health)
 def healthz() -> dict[str, str]:
     """The process is alive."""
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "A check failed"}},
+)
 async def readyz(request: Request) -> Any:
     """Database reachable and migrated to head, broker reachable; 503 otherwise."""
     state = request.app.state
@@ -45,7 +50,16 @@ async def readyz(request: Request) -> Any:
     )
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "Prometheus text exposition format",
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+        }
+    },
+)
 async def metrics(request: Request) -> Response:
     """Prometheus text exposition."""
     body = await run_in_threadpool(generate_latest, request.app.state.metrics_registry)

@@ -6,6 +6,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from app.errors import PROBLEM_JSON
+
 #: Printable IDs only: no control characters (PostgreSQL text cannot hold NUL).
 SampleId = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")]
@@ -235,16 +237,47 @@ class ChainVerification(BaseModel):
 
 
 class Problem(_Open):
-    """An RFC 9457 problem document."""
+    """An RFC 9457 problem document (`application/problem+json`); codes add their own members,
+    e.g. `errors` (every offending field) or `sample_ids` and `count`."""
 
     type: str
     title: str
     status: int
     detail: str
     code: str
+    instance: str | None = None
+
+
+class Health(BaseModel):
+    """`GET /healthz`: the process is alive."""
+
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    """`GET /readyz`: 200 when every check passes, 503 (same body) when one fails."""
+
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, bool]
+
+
+def problem_response(description: str) -> dict[str, Any]:
+    """An OpenAPI response entry served as problem+json (errors are never plain JSON)."""
+    return {
+        "description": description,
+        "content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+    }
 
 
 PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": Problem, "content": {"application/problem+json": {}}}
-    for code in (400, 401, 403, 404, 409, 413, 422)
+    code: problem_response(description)
+    for code, description in (
+        (400, "Bad request"),
+        (401, "Missing or invalid API key"),
+        (403, "The API key lacks the required scope"),
+        (404, "Not found"),
+        (409, "Conflict"),
+        (413, "Payload too large"),
+        (422, "Invalid input; validation errors list every offending field"),
+    )
 }
