@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from app.db.models import AuditEvent
 from app.db.types import rfc3339, utcnow
-from app.services.common import Page, canonical_json, decode_cursor, encode_cursor, is_postgres
+from app.services.common import Page, canonical_json, decode_cursor, encode_cursor, is_postgres, table_of
 
 GENESIS = "0" * 64
 _LOCK_KEY = 0x4C45544845  # "LETHE"
@@ -98,7 +98,7 @@ def append_events(session: Session, events: Sequence[Event]) -> None:
         )
         prev = event_hash(**fields, data=payload)
         rows.append({**fields, "data": canonical_json(payload), "hash": prev})
-    session.execute(insert(AuditEvent), rows)
+    session.execute(insert(table_of(AuditEvent)), rows)
     session.info["audit_head"] = (session.get_transaction(), seq, prev)
 
 

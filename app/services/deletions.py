@@ -41,6 +41,7 @@ from app.services.common import (
     encode_cursor,
     matching_values,
     new_id,
+    table_of,
 )
 from app.services.jobs import cancel_in_transaction, create_job, job_queued_event
 from app.services.policy import METHOD_NAMES
@@ -188,7 +189,7 @@ def _create(
         finished_at=now if all_forgotten else None,
     )
     # Written with plain INSERTs; `req` stays a transient object the response is built from.
-    session.execute(insert(DeletionRequest), [_columns(req)])
+    session.execute(insert(table_of(DeletionRequest)), [_columns(req)])
     bulk_insert(
         session,
         RequestSample.__table__,  # type: ignore[arg-type]
@@ -222,10 +223,11 @@ def _create(
         job_id, new_job = _join_or_create_job(session, m, method, verify, method_options, principal)
         enqueue = new_job.id if new_job is not None else None
         req.status, req.job_id = "queued", job_id
+        requests = table_of(DeletionRequest)
         session.execute(
-            update(DeletionRequest).where(DeletionRequest.id == req.id).values(status="queued", job_id=job_id)
+            update(requests).where(requests.c.id == req.id).values(status="queued", job_id=job_id)
         )
-        session.execute(insert(JobRequest), [{"job_id": job_id, "request_id": req.id}])
+        session.execute(insert(table_of(JobRequest)), [{"job_id": job_id, "request_id": req.id}])
         # The audit chain's lock is taken last, so it is held only for this insert and commit.
         events = [accepted]
         if new_job is not None:
