@@ -98,7 +98,7 @@ def append_events(session: Session, events: Sequence[Event]) -> None:
         )
         prev = event_hash(**fields, data=payload)
         rows.append({**fields, "data": canonical_json(payload), "hash": prev})
-    session.execute(insert(table_of(AuditEvent)), rows)
+    session.execute(insert(table_of(AuditEvent)), rows)  # executemany: one multi-row INSERT
     session.info["audit_head"] = (session.get_transaction(), seq, prev)
 
 

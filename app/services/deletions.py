@@ -189,7 +189,7 @@ def _create(
         finished_at=now if all_forgotten else None,
     )
     # Written with plain INSERTs; `req` stays a transient object the response is built from.
-    session.execute(insert(table_of(DeletionRequest)), [_columns(req)])
+    session.execute(insert(table_of(DeletionRequest)), _columns(req))
     bulk_insert(
         session,
         RequestSample.__table__,  # type: ignore[arg-type]
@@ -227,7 +227,7 @@ def _create(
         session.execute(
             update(requests).where(requests.c.id == req.id).values(status="queued", job_id=job_id)
         )
-        session.execute(insert(table_of(JobRequest)), [{"job_id": job_id, "request_id": req.id}])
+        session.execute(insert(table_of(JobRequest)), {"job_id": job_id, "request_id": req.id})
         # The audit chain's lock is taken last, so it is held only for this insert and commit.
         events = [accepted]
         if new_job is not None:
