@@ -181,21 +181,22 @@ def _with_values(stmt: Any, session: Session) -> Any:
     return stmt.bindparams(bindparam("values", expanding=True))
 
 
-def bulk_insert(session: Session, table: Table, rows: Iterable[dict[str, Any]]) -> int:
-    """Insert many rows in the session's transaction: COPY on PostgreSQL for large batches,
-    multi-row INSERTs otherwise."""
+def bulk_insert(
+    session: Session, table: Table, columns: Sequence[str], rows: Iterable[Sequence[Any]]
+) -> int:
+    """Insert many rows (value tuples in `columns` order) in the session's transaction: COPY on
+    PostgreSQL for large batches, multi-row INSERTs otherwise."""
     rows = list(rows)
     if not rows:
         return 0
-    columns = list(rows[0])
     if is_postgres(session) and len(rows) > COPY_THRESHOLD:
         dbapi: Any = session.connection().connection.dbapi_connection  # a psycopg connection
         assert dbapi is not None
         cols = ", ".join(f'"{c}"' for c in columns)
         with dbapi.cursor() as cur, cur.copy(f'COPY "{table.name}" ({cols}) FROM STDIN') as copy:
             for row in rows:
-                copy.write_row([row[c] for c in columns])
+                copy.write_row(row)
         return len(rows)
     for part in chunks(rows, 20000):
-        session.execute(insert(table), list(part))
+        session.execute(insert(table), [dict(zip(columns, row, strict=True)) for row in part])
     return len(rows)

@@ -17,7 +17,7 @@ from app.db.models import DatasetRow, Sample
 from app.db.types import rfc3339, utcnow
 from app.errors import AlreadyExists, DatasetNotFound, InvalidInput, to_lethe_error
 from app.services.audit import append_event
-from app.services.common import Page, bulk_insert, decode_cursor, encode_cursor, is_postgres
+from app.services.common import Page, bulk_insert, decode_cursor, encode_cursor, is_postgres, table_of
 from engine import errors as engine_errors
 from engine.datasets import DatasetSpec, load_dataset
 
@@ -96,11 +96,13 @@ def register_dataset(
     except Exception:
         session.rollback()
         raise AlreadyExists(f"dataset {name!r} exists") from None
+    dataset_id = row.id
     bulk_insert(
         session,
-        Sample.__table__,  # type: ignore[arg-type]
+        table_of(Sample),
+        ("dataset_id", "sample_id", "split", "label"),
         (
-            {"dataset_id": row.id, "sample_id": str(s), "split": str(sp), "label": int(lb)}
+            (dataset_id, str(s), str(sp), int(lb))
             for s, sp, lb in zip(ds.ids.tolist(), ds.splits.tolist(), ds.labels.tolist(), strict=True)
         ),
     )

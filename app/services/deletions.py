@@ -190,10 +190,12 @@ def _create(
     )
     # Written with plain INSERTs; `req` stays a transient object the response is built from.
     session.execute(insert(table_of(DeletionRequest)), _columns(req))
+    rid = req.id
     bulk_insert(
         session,
-        RequestSample.__table__,  # type: ignore[arg-type]
-        ({"request_id": req.id, "sample_id": s, "already_forgotten": s in forgotten} for s in sample_ids),
+        table_of(RequestSample),
+        ("request_id", "sample_id", "already_forgotten"),
+        ((rid, s, s in forgotten) for s in sample_ids),
     )
     accepted = Event(
         principal.name,

@@ -42,7 +42,7 @@ from app.errors import Conflict, JobNotFound, NotCancellable, StaleAttempt
 from app.services import policy as policy_rules
 from app.services.audit import Event, append_event, append_events
 from app.services.callbacks import enqueue_callback
-from app.services.common import Page, bulk_insert, decode_cursor, encode_cursor, new_id
+from app.services.common import Page, bulk_insert, decode_cursor, encode_cursor, new_id, table_of
 from app.services.views import job_public
 from models_store import Store
 
@@ -648,19 +648,12 @@ def complete_job(
     except IntegrityError:
         session.rollback()
         raise Conflict(f"model {model_name} already has a child of v{base}; refusing a fork") from None
+    model_id, job_id = model.id, job.id
     bulk_insert(
         session,
-        Tombstone.__table__,  # type: ignore[arg-type]
-        (
-            {
-                "model_id": model.id,
-                "sample_id": s,
-                "version": new_version,
-                "job_id": job.id,
-                "created_at": now,
-            }
-            for s in forget_ids
-        ),
+        table_of(Tombstone),
+        ("model_id", "sample_id", "version", "job_id", "created_at"),
+        ((model_id, s, new_version, job_id, now) for s in forget_ids),
     )
     model.latest_version = new_version
     model.forgotten_count = len(lineage)
