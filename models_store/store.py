@@ -10,6 +10,11 @@ with `os.replace` and the directory fsynced; a name that already exists is never
 (its content is, by construction, identical). A crash therefore leaves at most a scratch file
 in `.incoming/`, never a partial file among the checkpoints, and the database row that makes a
 version visible commits only after both files are durable.
+
+A scratch file is named after its writer (`.tmp-{namespace}-{pid}-{random}`: the namespace
+identifies the kernel boot and PID namespace, in which PIDs mean something), so `clean_temp`
+removes a dead writer's leftovers as soon as a process of the same namespace looks, and any
+leftover once it is old.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ import json
 import os
 import re
 import secrets
+import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -47,6 +53,32 @@ class StoredCheckpoint:
     manifest_path: Path
     sha256: str
     size_bytes: int
+
+
+def _namespace_id() -> str:
+    """This kernel boot and PID namespace (PIDs are comparable only within one), or "" where
+    /proc does not tell."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        pid_ns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return ""
+    return hashlib.sha256(f"{socket.gethostname()}/{boot}/{pid_ns}".encode()).hexdigest()[:16]
+
+
+def _process_alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie (a killed writer nobody reaped yet)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 def check_name(name: str) -> str:
@@ -74,6 +106,7 @@ class Store:
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root).resolve()
+        self._namespace = _namespace_id()
 
     # -- paths ---------------------------------------------------------------------------
     def _dir(self, model: str, sub: str) -> Path:
@@ -108,7 +141,8 @@ class Store:
     def _scratch(self) -> Path:
         incoming = self.root / INCOMING
         incoming.mkdir(parents=True, exist_ok=True)
-        return incoming / f"{TMP_PREFIX}{secrets.token_hex(8)}"
+        owner = f"{self._namespace}-{os.getpid()}-" if self._namespace else ""
+        return incoming / f"{TMP_PREFIX}{owner}{secrets.token_hex(8)}"
 
     def _write_bytes(self, final: Path, data: bytes) -> None:
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -209,14 +243,56 @@ class Store:
         return h.hexdigest() == sha256
 
     def clean_temp(self, older_than_s: float = 3600.0) -> int:
-        """Remove temporary files a crashed writer left behind; returns how many."""
+        """Remove temporary files crashed writers left behind; returns how many.
+
+        A scratch file goes once it was last written more than `older_than_s` ago, and at once
+        when its writer ran in this process's PID namespace and is gone.
+        """
         if not self.root.exists():
             return 0
         cutoff = time.time() - older_than_s
         removed = 0
         for tmp in (self.root / INCOMING).glob(f"{TMP_PREFIX}*"):
             with contextlib.suppress(FileNotFoundError):
-                if tmp.stat().st_mtime < cutoff:
+                if self._abandoned(tmp, cutoff):
                     tmp.unlink()
                     removed += 1
         return removed
+
+    def remove_unreferenced(self, model: str, keep: Iterable[str]) -> int:
+        """Delete `model`'s checkpoint and manifest files whose store-relative path is not in
+        `keep` (the paths its version rows name); returns how many.
+
+        Such files come from a publish that never committed: a writer killed between its
+        files and the version row. Call it only while no publish of `model` can commit (a job
+        of the model was just claimed again: its line runs one job at a time, and an earlier
+        attempt cannot commit any more).
+        """
+        kept = set(keep)
+        removed = 0
+        for sub in ("checkpoints", "manifests"):
+            folder = self._dir(model, sub)
+            if not folder.is_dir():
+                continue
+            before = removed
+            for path in folder.iterdir():
+                if path.is_file() and self.relative(path) not in kept:
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+                        removed += 1
+            if removed > before:
+                _fsync_dir(folder)
+        return removed
+
+    def _abandoned(self, tmp: Path, cutoff: float) -> bool:
+        if tmp.stat().st_mtime < cutoff:
+            return True
+        writer = self._local_writer(tmp.name)
+        return writer is not None and not _process_alive(writer)
+
+    def _local_writer(self, name: str) -> int | None:
+        """The PID that writes scratch file `name`, when it ran in this PID namespace."""
+        parts = name.removeprefix(TMP_PREFIX).split("-")
+        if self._namespace and len(parts) == 3 and parts[0] == self._namespace and parts[1].isdigit():
+            return int(parts[1])
+        return None

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from celery import Celery
 
 from app.settings import Settings, get_settings
+from models_store import Store
 from worker.celery_app import create_celery
 
 QUEUE = "gpu"
@@ -83,7 +84,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    app = build_worker_app(get_settings())
+    settings = get_settings()
+    # A worker killed while writing a checkpoint leaves a scratch file; its successor on this
+    # host removes it (a live writer's file is never touched).
+    try:
+        Store(settings.store_path).clean_temp()
+    except OSError:
+        logging.getLogger(__name__).warning("could not clean the store's scratch files",
+                                            exc_info=True)
+    app = build_worker_app(settings)
     app.worker_main(worker_argv(args.name or default_name(), args.loglevel))
     return 0
 

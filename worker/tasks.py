@@ -21,7 +21,9 @@ Flow of one message:
    with its code and message; anything else → `fail_job` with code `worker_error` and the
    exception's type and message (never a traceback; the traceback goes to the worker log).
    `StaleAttempt` from the service means another attempt owns the job now: this one stops
-   without touching it.
+   without touching it. A re-attempt (attempt > 1) first removes what the earlier attempt
+   may have left while publishing: scratch files of dead store writers and the model's files
+   that no version names.
 5. When Celery stops the worker (SIGTERM, SIGQUIT, Ctrl-C) the job stops at its next step
    and is left `running`: a shutdown is never a reason to fail or cancel a job. The sweeper
    re-enqueues it once its heartbeat is older than the timeout.
@@ -325,6 +327,8 @@ def run_job(
         log.info("job %s not claimed by %s (taken, final or not its turn)", job_id, worker)
         return JobRun(job_id, "skipped")
     log.info("job %s (%s, attempt %s) claimed by %s", job_id, ticket.kind, ticket.attempt, worker)
+    if ticket.attempt > 1:
+        _clean_store(sessions, store, ticket.model_name)
 
     reporter = _JobReporter(
         sessions,
@@ -402,6 +406,23 @@ def run_job(
         result.verdict,
         tuple(follow_ups),
     )
+
+
+def _clean_store(sessions: SessionFactory, store: Store, model: str) -> None:
+    """An earlier attempt of this job died, perhaps while publishing: remove the scratch files
+    of dead store writers and the model's files no version names (written, never committed).
+    Nothing else can publish for the model now (its jobs run one at a time and the earlier
+    attempt lost its claim). A failure here is logged and never touches the job."""
+    try:
+        scratch = store.clean_temp()
+        with sessions() as session:
+            keep = job_service.published_files(session, model)
+        orphans = store.remove_unreferenced(model, keep)
+    except Exception:
+        log.warning("could not clean the store after a lost attempt", exc_info=True)
+        return
+    if scratch or orphans:
+        log.info("removed %d scratch and %d unpublished file(s) of %s", scratch, orphans, model)
 
 
 def _interrupted(job_id: str, worker: str) -> JobRun:

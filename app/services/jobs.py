@@ -475,6 +475,17 @@ def claim_job(
     return ticket
 
 
+def published_files(session: Session, model_name: str) -> set[str]:
+    """Store-relative paths of every checkpoint and manifest the model's versions name."""
+    rows = session.execute(
+        select(ModelVersion.path, ModelVersion.manifest_path)
+        .join(ModelRow, ModelRow.id == ModelVersion.model_id)
+        .where(ModelRow.name == model_name)
+    ).all()
+    session.rollback()
+    return {path for row in rows for path in row}
+
+
 def record_progress(
     session: Session,
     job_id: str,

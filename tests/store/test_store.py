@@ -164,3 +164,43 @@ def test_clean_temp_removes_only_old_temp_files(tmp_path: Path, make_checkpoint:
     os.utime(old, (past, past))
     assert store.clean_temp(3600) == 1
     assert not old.exists() and new.exists() and stored.path.exists()
+
+
+def test_clean_temp_removes_a_killed_writers_scratch_file_at_once(tmp_path: Path) -> None:
+    """A writer SIGKILLed mid-copy leaves its scratch file; the next `clean_temp` in the same
+    PID namespace removes it at once, without waiting for it to age."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = tmp_path / "store"
+    writer = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys; from models_store import Store; "
+         f"Store({str(root)!r}).put_file('m', sys.stdin.buffer, {{}})"],
+        stdin=subprocess.PIPE,
+    )
+    assert writer.stdin is not None
+    writer.stdin.write(b"x" * 4096)
+    writer.stdin.flush()
+    deadline = time.monotonic() + 60
+    while not _scratch(root) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (left,) = _scratch(root)
+    assert f"-{writer.pid}-" in left
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.wait()
+    writer.stdin.close()
+
+    store = Store(root)
+    mine = store._scratch()  # a live writer's file (this process)
+    mine.write_bytes(b"y")
+    foreign = root / ".incoming" / ".tmp-0123456789abcdef-1-00ff00ff00ff00ff"  # another host
+    foreign.write_bytes(b"z")
+    assert store.clean_temp(3600) == 1
+    assert _scratch(root) == sorted([mine.name, foreign.name])
+    past = time.time() - 7200
+    os.utime(foreign, (past, past))  # nobody wrote it for two hours: abandoned
+    assert store.clean_temp(3600) == 1 and _scratch(root) == [mine.name]

@@ -285,3 +285,38 @@ def test_worker_shutdown_interrupts_the_job_and_leaves_it_to_be_rerun(world: Wor
     with world.sessions() as s:
         ticket = job_service.claim_job(s, job_id, "w2", heartbeat_timeout_s=0.5)
     assert ticket is not None and ticket.attempt == 2
+
+
+def test_a_re_attempt_removes_what_a_dead_attempt_left_in_the_store(
+    world: World, make_checkpoint: Any
+) -> None:
+    """An attempt killed while publishing leaves a scratch file (mid-write) or finished files
+    no version names (before the commit). The job's next attempt removes both first, then
+    publishes: the store holds exactly the files the versions name."""
+    _train(world)
+    _, job_id = world.submit("tiny", world.train_ids()[:5])
+    assert job_id is not None
+    with world.sessions() as s:
+        assert job_service.claim_job(s, job_id, "w-dead", heartbeat_timeout_s=30.0) is not None
+    # What the dead attempt left: an unpublished checkpoint + manifest, and a scratch file of
+    # a process that no longer exists.
+    orphan = world.store.put("tiny", make_checkpoint(seed=7), {"job_id": job_id, "version": 2})
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    scratch = world.store._scratch().with_name(
+        f".tmp-{world.store._namespace}-{int(gone.stdout)}-00aa00aa00aa00aa")
+    scratch.write_bytes(b"half a checkpoint")
+
+    settings = world.settings.model_copy(update={"heartbeat_timeout_s": 0.0})  # w-dead is dead
+    run = run_job(job_id, worker="w2", settings=settings, sessions=world.sessions,
+                  store=world.store, enqueue=world.enqueue)
+    assert run.outcome == "succeeded", world.job(job_id).error
+    assert world.job(job_id).attempts == 2
+    versions = world.versions()
+    assert [v.version for v in versions] == [1, 2]
+    named = {v.path for v in versions} | {v.manifest_path for v in versions}
+    on_disk = {world.store.relative(p) for p in (world.store.root / "tiny").rglob("*")
+               if p.is_file()}
+    assert on_disk == named
+    assert not orphan.path.exists() and not orphan.manifest_path.exists()
+    assert not scratch.exists()
