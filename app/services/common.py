@@ -126,19 +126,6 @@ def matching_values(
     return rows
 
 
-def count_matching(
-    session: Session,
-    table: str,
-    column: str,
-    values: Sequence[str],
-    *,
-    where: str,
-    params: dict[str, Any],
-) -> int:
-    """How many of `values` (unique) have a row in `table` matching `where`."""
-    return counts_matching(session, table, column, values, where=where, params=params)[0]
-
-
 def counts_matching(
     session: Session,
     table: str,

@@ -86,23 +86,8 @@ def target(deployment: Any, make_checkpoint: Any) -> Iterator[Target]:
     done = deployment.submit("m", train[:3])
     with deployment.sessions() as s:
         ticket = jobs.claim_job(s, done.enqueue_job_id, "fuzz", heartbeat_timeout_s=60)
-    with deployment.sessions() as s:
-        jobs.complete_job(
-            s,
-            deployment.store,
-            ticket.job_id,
-            weights=make_checkpoint(seed=1),
-            metrics={"acc_test": 0.9, "acc_forget": 0.1},
-            reference=None,
-            gaps=None,
-            history=[],
-            method="feature_constraint",
-            method_config={},
-            teacher_seed=ticket.teacher_seed,
-            seconds=1.0,
-            steps=3,
-            device="cpu",
-        )
+    deployment.complete(ticket.job_id, make_checkpoint(seed=1), metrics={"acc_test": 0.9, "acc_forget": 0.1},
+                        teacher_seed=ticket.teacher_seed)
     queued = deployment.submit("m", train[3:6], subject_ref="dsr-1")
     known = Known(
         train_ids=train,

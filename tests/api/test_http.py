@@ -316,23 +316,7 @@ def test_versions_manifest_and_download(api: tuple[TestClient, Any], make_checkp
     with dep.sessions() as s:
         t = jobs.claim_job(s, sub["job_id"], "w", heartbeat_timeout_s=60)
     v2 = make_checkpoint(seed=12)
-    with dep.sessions() as s:
-        jobs.complete_job(
-            s,
-            dep.store,
-            t.job_id,
-            weights=v2,
-            metrics={"acc_test": 0.9, "acc_forget": 0.1},
-            reference=None,
-            gaps=None,
-            history=[],
-            method="feature_constraint",
-            method_config={},
-            teacher_seed=t.teacher_seed,
-            seconds=1.0,
-            steps=3,
-            device="cpu",
-        )
+    dep.complete(t.job_id, v2, metrics={"acc_test": 0.9, "acc_forget": 0.1}, teacher_seed=t.teacher_seed)
     versions = client.get("/v1/models/m/versions").json()["items"]
     assert [(v["version"], v["parent"]) for v in versions] == [(2, 1), (1, None)]
     latest = client.get("/v1/models/m/versions/latest").json()
