@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from e2e_harness import Service, start_service, start_worker, wait_until
+from e2e_harness import Service, start_service, start_worker, stop_process, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -25,16 +25,6 @@ FAST_RECOVERY = {
     "LETHE_SWEEPER_INTERVAL_S": "1",
     "LETHE_QUEUED_GRACE_S": "2",
 }
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGQUIT)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _kill_mid_job_and_recover(service: Service, dataset: Path) -> None:
@@ -82,7 +72,7 @@ def _kill_mid_job_and_recover(service: Service, dataset: Path) -> None:
     finally:
         for proc in (first, second):
             if proc is not None:
-                _stop(proc)
+                stop_process(proc)
 
 
 def test_worker_killed_mid_job_embedded(tiny_npz: Path, tmp_path: Path) -> None:
