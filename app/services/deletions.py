@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
-from app.db.models import DeletionRequest, Job, JobRequest, ModelRow, RequestSample
+from app.db.models import DeletionRequest, IdempotencyKey, Job, JobRequest, ModelRow, RequestSample
 from app.db.types import utcnow
 from app.errors import (
     DuplicateSampleIds,
@@ -94,9 +94,9 @@ def submit_deletion_request(
         "verify": verify,
         "callback_url": callback_url,
     }
-    row_id = 0
+    claim: IdempotencyKey | None = None
     if idempotency_key is not None:
-        row_id, replay = idempotency.begin(
+        claim, replay = idempotency.begin(
             session,
             principal.id,
             idempotency_key,
@@ -106,7 +106,7 @@ def submit_deletion_request(
         if replay is not None:
             return Submitted(replay.status_code, replay.body, None, replayed=True)
     try:
-        result = _create(
+        return _create(
             session,
             principal=principal,
             settings=settings,
@@ -118,13 +118,11 @@ def submit_deletion_request(
             method_options=method_options or {},
             verify=verify,
             callback_url=callback_url,
-            idempotency_row=row_id,
+            claim=claim,
         )
     except BaseException:
-        if row_id:
-            idempotency.abandon(session, row_id)
+        session.rollback()  # the key's claim goes with everything else: a retry may use it
         raise
-    return result
 
 
 def _create(
@@ -140,7 +138,7 @@ def _create(
     method_options: dict[str, Any],
     verify: str,
     callback_url: str | None,
-    idempotency_row: int,
+    claim: IdempotencyKey | None,
 ) -> Submitted:
     if not sample_ids:
         raise InvalidInput("sample_ids must name at least one sample", field="sample_ids")
@@ -238,8 +236,8 @@ def _create(
         events.append(Event(principal.name, "request.queued", f"request:{req.id}", queued, m.name, req.id))
         append_events(session, events)
     resource = request_public(req, m.name)
-    if idempotency_row:
-        idempotency.finish(session, idempotency_row, 202, resource, req.id)
+    if claim is not None:
+        idempotency.finish(claim, 202, resource, req.id)
     session.commit()
     return Submitted(202, resource, enqueue)
 

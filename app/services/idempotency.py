@@ -1,10 +1,17 @@
 """Idempotency keys for POSTs: the first response is replayed for 24 hours.
 
-`begin` records the key as in flight in its own committed transaction, so a concurrent
-duplicate hits the unique (principal, key) constraint and learns the key is taken: it gets
-409 while the first is in flight, the stored response once it finished (same body), or 422
-(different body). The creating transaction calls `finish` so the response is stored
-atomically with what it describes; `abandon` frees the key when creation failed.
+`begin` claims the key in the caller's transaction, the same one that creates the resource
+and stores its response (`finish`), so the key and what it stands for commit together, or
+not at all: a request that fails, or whose process dies mid-way, leaves no trace, and the
+client's retry with the same key simply runs.
+
+A duplicate that arrives while the first is being created gets 409. On PostgreSQL the first
+holds a transaction-scoped advisory lock on the (principal, key) pair, so the duplicate
+learns this at once instead of waiting on the unique index, and the lock goes when that
+transaction ends, however it ends. On SQLite every write transaction holds the database's
+write lock (`BEGIN IMMEDIATE`), so a duplicate waits for the first and then replays it.
+A duplicate that comes after the first committed gets the stored response (same body) or
+422 (different body).
 """
 
 from __future__ import annotations
@@ -14,15 +21,17 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.db.models import IdempotencyKey
 from app.db.types import utcnow
 from app.errors import IdempotencyInFlight, IdempotencyKeyMismatch, InvalidInput
-from app.services.common import canonical_json
+from app.services.common import canonical_json, is_postgres
 
+#: A row left `in_flight` by an earlier release (which committed the claim on its own) is
+#: ignored after this long.
 IN_FLIGHT_TIMEOUT_S = 120.0
 
 
@@ -39,13 +48,29 @@ def body_hash(body: Any) -> str:
     return hashlib.sha256(canonical_json(body).encode()).hexdigest()
 
 
+def _lock_id(principal: str, key: str) -> int:
+    """A signed 64-bit advisory-lock id for the (principal, key) pair."""
+    digest = hashlib.sha256(f"idempotency\0{principal}\0{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
 def begin(
     session: Session, principal: str, key: str, digest: str, *, ttl_s: float
-) -> tuple[int, Replay | None]:
-    """Claim `key` for this body; returns (row id, None) or (0, the stored response)."""
+) -> tuple[IdempotencyKey | None, Replay | None]:
+    """Claim `key` for this body in the caller's transaction.
+
+    Returns (the claimed row, None): go on and create, then `finish` before committing. Or
+    (None, the stored response) for a completed duplicate; the transaction is then over.
+    """
     if not key or len(key) > 200:
         raise InvalidInput("Idempotency-Key must be 1..200 characters", field="Idempotency-Key")
     for _ in range(3):
+        if is_postgres(session):
+            lock = _lock_id(principal, key)
+            taken = session.scalar(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": lock})
+            if not taken:
+                session.rollback()
+                raise IdempotencyInFlight("the first request with this Idempotency-Key is in progress")
         now = utcnow()
         row = IdempotencyKey(
             principal=principal,
@@ -57,8 +82,8 @@ def begin(
         )
         session.add(row)
         try:
-            session.commit()
-            return row.id, None
+            session.flush()
+            return row, None
         except IntegrityError:
             session.rollback()
         existing = session.scalar(
@@ -83,22 +108,13 @@ def begin(
         if state == "in_flight":
             raise IdempotencyInFlight("the first request with this Idempotency-Key is in progress")
         assert response is not None and status_code is not None
-        return 0, Replay(status_code, response)
+        return None, Replay(status_code, response)
     raise IdempotencyInFlight("could not claim the Idempotency-Key; retry")
 
 
-def finish(session: Session, row_id: int, status_code: int, body: dict[str, Any], request_id: str) -> None:
-    """Store the response in the caller's transaction."""
-    row = session.get(IdempotencyKey, row_id)
-    assert row is not None
+def finish(row: IdempotencyKey, status_code: int, body: dict[str, Any], request_id: str) -> None:
+    """Store the response on the claimed row; it commits with the caller's transaction."""
     row.state, row.status_code, row.response, row.request_id = "done", status_code, body, request_id
-
-
-def abandon(session: Session, row_id: int) -> None:
-    """Forget an in-flight key whose request failed, so it can be retried."""
-    session.rollback()
-    session.execute(delete(IdempotencyKey).where(IdempotencyKey.id == row_id))
-    session.commit()
 
 
 def purge_expired(session: Session) -> int:

@@ -160,12 +160,8 @@ def test_idempotent_replay_and_mismatch(deployment: Any) -> None:
     assert ok.body["status"] == "queued"
 
 
-def test_in_flight_key_is_409(deployment: Any) -> None:
-    from app.services import idempotency
-
-    deployment.upload_model("m")
-    train, _ = deployment.ids()
-    body = {
+def _claim_body(train: list[str]) -> dict[str, Any]:
+    return {
         "model": "m",
         "sample_ids": train[:2],
         "subject_ref": None,
@@ -175,11 +171,30 @@ def test_in_flight_key_is_409(deployment: Any) -> None:
         "verify": "standard",
         "callback_url": None,
     }
-    with deployment.sessions() as s:
-        idempotency.begin(s, deployment.principal.id, "k-flight", idempotency.body_hash(body), ttl_s=3600)
-    with pytest.raises(IdempotencyInFlight) as err:
-        deployment.submit("m", train[:2], idempotency_key="k-flight")
-    assert err.value.status == 409
+
+
+def test_a_key_in_flight_is_409_and_an_abandoned_claim_frees_it(deployment: Any) -> None:
+    from app.services import idempotency
+
+    deployment.upload_model("m")
+    train, _ = deployment.ids()
+    digest = idempotency.body_hash(_claim_body(train))
+    first = deployment.sessions()
+    try:
+        claim, replay = idempotency.begin(first, deployment.principal.id, "k-flight", digest, ttl_s=3600)
+        assert claim is not None and replay is None
+        if deployment.backend == "postgresql":
+            # The first request's transaction is still open: a duplicate learns it at once.
+            with pytest.raises(IdempotencyInFlight) as err:
+                deployment.submit("m", train[:2], idempotency_key="k-flight")
+            assert err.value.status == 409
+        # (On SQLite the first transaction holds the write lock: a duplicate would wait.)
+    finally:
+        first.close()  # the first request dies before committing: its claim goes with it
+    retried = deployment.submit("m", train[:2], idempotency_key="k-flight")
+    assert retried.status_code == 202 and not retried.replayed
+    assert deployment.submit("m", train[:2], idempotency_key="k-flight").body == retried.body
+    assert _count(deployment, IdempotencyKey) == 1 and _count(deployment, DeletionRequest) == 1
 
 
 def test_concurrent_duplicates_create_exactly_one_request(deployment: Any) -> None:

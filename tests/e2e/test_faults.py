@@ -683,13 +683,14 @@ class Accepted:
     request_id: str
     failures: int  # attempts before the 202 (connection errors, 5xx, 409 in flight)
     replayed: bool  # the 202 was the stored response of an earlier attempt
+    in_flight: int  # of the failures, 409s: the key was claimed by an attempt still running
 
 
 def _post_until_accepted(
     http: httpx.Client, key: str, body: dict[str, Any], deadline: float
 ) -> Accepted:
     """A client that retries with the same Idempotency-Key until it gets its 202."""
-    failures = 0
+    failures = in_flight_409s = 0
     while True:
         try:
             response: httpx.Response | None = http.post(
@@ -699,11 +700,12 @@ def _post_until_accepted(
             response = None
         if response is not None and response.status_code == 202:
             return Accepted(key, response.json()["id"], failures,
-                            response.headers.get("Idempotent-Replayed") == "true")
+                            response.headers.get("Idempotent-Replayed") == "true", in_flight_409s)
         if response is not None and response.status_code < 500:
             in_flight = response.status_code == 409 and (
                 response.json().get("code") == "idempotency_in_flight")
             assert in_flight, f"{key}: {response.status_code} {response.text}"
+            in_flight_409s += 1
         failures += 1
         assert time.monotonic() < deadline, f"{key} got no 202 in time"
         time.sleep(min(1.0, 0.05 * 2 ** min(failures, 5)))
@@ -770,6 +772,10 @@ def test_api_killed_during_burst_of_1000_requests(
         print(f"API killed after {killed_at} accepted; {len(retried)} keys retried, "
               f"{sum(o.replayed for o in outcomes)} answered by replay")
         assert retried, "the kill hit no request in flight"
+        # Each key is sent by one client, one attempt at a time: a 409 could only come from a
+        # claim the killed process left behind, and a claim commits with its request or not
+        # at all.
+        assert sum(o.in_flight for o in outcomes) == 0, [o for o in outcomes if o.in_flight][:5]
 
         # One request per key, and each request for its own key.
         by_key = {o.key: o.request_id for o in outcomes}
