@@ -277,7 +277,9 @@ class FeatureConstraint(Method):
             recovered = retain_acc >= monitor.retain_acc - cfg.tolerance
             if monitor.complete:
                 gap = monitor.distance() + max(0.0, monitor.retain_acc - retain_acc)
-                if best is None or gap < best[0]:
+                # Candidates are the models the stopping rule could also have returned (from
+                # `min_steps` on): never the untouched original of step 1.
+                if step >= cfg.min_steps and (best is None or gap < best[0]):
                     best = (gap, step, copy.deepcopy(model.state_dict()))
                 if step % window == 0:  # a full pass since the last look: is forgetting stalling?
                     if last_pass_gap is not None and gap > cfg.stall_ratio * last_pass_gap:

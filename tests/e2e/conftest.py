@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from e2e_harness import write_tiny_dataset
+from sample_data import write_tiny_dataset
 
 
 @pytest.fixture(scope="session")

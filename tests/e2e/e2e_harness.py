@@ -24,8 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from app.client import LetheClient, LetheClientError
 
 if TYPE_CHECKING:
@@ -33,24 +31,6 @@ if TYPE_CHECKING:
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 180.0
-
-
-def write_tiny_dataset(path: Path, *, per_class: int = 40, classes: int = 4, seed: int = 0) -> Path:
-    """A learnable 28x28 npz: each class lights a different quadrant, plus noise.
-
-    `per_class` samples per class, a quarter of them in the test split.
-    """
-    rng = np.random.default_rng(seed)
-    n = per_class * classes
-    labels = np.repeat(np.arange(classes), per_class)
-    x = rng.integers(0, 60, size=(n, 28, 28)).astype(np.uint8)
-    for i, c in enumerate(labels):
-        r, q = divmod(int(c), 2)
-        x[i, r * 14 + 2 : r * 14 + 12, q * 14 + 2 : q * 14 + 12] += np.uint8(150)
-    split = np.where(np.arange(n) % per_class < per_class * 3 // 4, "train", "test")
-    ids = np.asarray([f"s{i:04d}" for i in range(n)])
-    np.savez(path, x=x, y=labels.astype(np.int64), ids=ids, split=split)
-    return path
 
 
 def free_port() -> int:

@@ -62,8 +62,8 @@ from e2e_harness import (
     stop_process,
     wait_until,
     wait_worker_ready,
-    write_tiny_dataset,
 )
+from sample_data import write_tiny_dataset
 from sqlalchemy import create_engine, text
 
 from app.client import LetheClient

@@ -94,3 +94,22 @@ def test_loop_benchmark_runs_the_shipped_loops():
     assert r["method_steps"] == 4 and r["samples_per_step"] == 192
     assert r["plain_loop_samples_per_s"] > 0 and r["method_loop_samples_per_s"] > 0
     assert r["ratio"] == pytest.approx(r["method_loop_samples_per_s"] / r["plain_loop_samples_per_s"])
+
+
+def test_every_deletion_publishes_changed_weights(tmp_path):
+    # Small deletions on a learnable dataset, one after another: the method must never hand
+    # back its untouched input (a run that does not stop early restores its best candidate,
+    # and the model before the first update is not one).
+    from sample_data import write_tiny_dataset
+
+    quad = ModelSpec("small_cnn", 4, DatasetSpec("npz", str(write_tiny_dataset(tmp_path / "q.npz"))),
+                     Recipe(optimizer="sgd", lr=0.05, epochs=2, batch_size=32, seed=0))
+    checkpoint = run_train(quad, device="cpu").weights
+    train = [f"s{i:04d}" for i in range(160) if i % 40 < 30]
+    forgotten: list[str] = []
+    for k in range(6):
+        batch = [train[2 * k]] if k % 2 else train[2 * k : 2 * k + 2]
+        out = run_unlearn(quad, checkpoint=checkpoint, forget_ids=batch, forgotten_ids=forgotten,
+                          seed=k, device="cpu")
+        assert out.weights != checkpoint, f"deletion {k} published its parent's weights"
+        checkpoint, forgotten = out.weights, forgotten + batch

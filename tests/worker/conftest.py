@@ -11,7 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from worker_world import World, write_tiny_dataset
+from sample_data import write_tiny_dataset
+from worker_world import World
 
 from app.db import create_db_engine, create_session_factory
 from app.db.migrate import upgrade

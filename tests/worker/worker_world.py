@@ -21,21 +21,6 @@ TINY_RECIPE = {"optimizer": "sgd", "lr": 0.05, "epochs": 2, "batch_size": 32, "s
 LENIENT_POLICY = {"max_acc_test_drop": 1.0, "max_gap": None, "max_avg_gap": None}
 
 
-def write_tiny_dataset(path: Path, *, per_class: int = 40, classes: int = 4) -> Path:
-    """160 learnable 28x28 samples (each class lights one quadrant), 120 train / 40 test."""
-    rng = np.random.default_rng(0)
-    n = per_class * classes
-    labels = np.repeat(np.arange(classes), per_class)
-    x = rng.integers(0, 60, size=(n, 28, 28)).astype(np.uint8)
-    for i, c in enumerate(labels):
-        r, q = divmod(int(c), 2)
-        x[i, r * 14 + 2 : r * 14 + 12, q * 14 + 2 : q * 14 + 12] += np.uint8(150)
-    split = np.where(np.arange(n) % per_class < per_class * 3 // 4, "train", "test")
-    ids = np.asarray([f"s{i:04d}" for i in range(n)])
-    np.savez(path, x=x, y=labels.astype(np.int64), ids=ids, split=split)
-    return path
-
-
 @dataclass
 class World:
     """One test's deployment: settings, sessions, store, an admin principal, a tiny dataset."""
