@@ -40,6 +40,9 @@ def create_celery(settings: Settings, *, include: list[str] | None = None) -> Ce
         result_backend=None,
         task_ignore_result=True,
         broker_connection_retry_on_startup=True,
+        # A broker blip must not cancel a job mid-run: its state and heartbeat live in the
+        # database, and the sweeper re-sends only jobs whose heartbeat stopped.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_hijack_root_logger=False,
         enable_utc=True,
     )
