@@ -118,12 +118,8 @@ def matching_values(
     `select` names the returned columns (default: `column`).
     """
     cols = ", ".join("t." + c.strip() for c in (select or column).split(","))
-    rows: list[tuple[Any, ...]] = []
-    with _hash_join(session, values):
-        for sql, bound in _restricted(session, table, column, values, where) if values else []:
-            stmt = _with_values(text(f"SELECT {cols} {sql}"), session)
-            rows.extend(tuple(r) for r in session.execute(stmt, {**params, "values": bound}))
-    return rows
+    return [tuple(r) for result in _select_matching(session, cols, table, column, values, where, params)
+            for r in result]
 
 
 def counts_matching(
@@ -140,12 +136,29 @@ def counts_matching(
     """Several aggregates (`counts`, e.g. `count(x.col)` over a LEFT JOIN `join`) of the rows
     of `table` whose `column` is one of `values` (unique) and that match `where`, in one query."""
     totals = [0] * len(counts)
-    with _hash_join(session, values):
-        for sql, bound in _restricted(session, table, column, values, where, join) if values else []:
-            stmt = _with_values(text(f"SELECT {', '.join(counts)} {sql}"), session)
-            row = session.execute(stmt, {**params, "values": bound}).one()
-            totals = [total + int(v or 0) for total, v in zip(totals, row, strict=True)]
+    for result in _select_matching(session, ", ".join(counts), table, column, values, where, params, join):
+        totals = [total + int(v or 0) for total, v in zip(totals, result.one(), strict=True)]
     return tuple(totals)
+
+
+def _select_matching(
+    session: Session,
+    columns: str,
+    table: str,
+    column: str,
+    values: Sequence[str],
+    where: str,
+    params: dict[str, Any],
+    join: str = "",
+) -> Iterator[Any]:
+    """`SELECT columns` over the rows of `table` matching `values` and `where`: one result per
+    statement `_restricted` needs (one on PostgreSQL, one per chunk on SQLite)."""
+    if not values:
+        return
+    with _hash_join(session, values):
+        for sql, bound in _restricted(session, table, column, values, where, join):
+            stmt = _with_values(text(f"SELECT {columns} {sql}"), session)
+            yield session.execute(stmt, {**params, "values": bound})
 
 
 @contextmanager

@@ -30,10 +30,6 @@ from app.db.types import utcnow
 from app.errors import IdempotencyInFlight, IdempotencyKeyMismatch, InvalidInput
 from app.services.common import canonical_json, is_postgres
 
-#: A row left `in_flight` by an earlier release (which committed the claim on its own) is
-#: ignored after this long.
-IN_FLIGHT_TIMEOUT_S = 120.0
-
 
 @dataclass(frozen=True)
 class Replay:
@@ -93,20 +89,15 @@ def begin(
         )
         if existing is None:
             continue
-        state, stored_hash = existing.state, existing.body_hash
-        status_code, response = existing.status_code, existing.response
-        stale_flight = existing.state == "in_flight" and (
-            (now - existing.created_at).total_seconds() > IN_FLIGHT_TIMEOUT_S
-        )
-        if existing.expires_at < now or stale_flight:
+        # A committed row is always a finished one: the claim commits with its response.
+        stored_hash, status_code, response = existing.body_hash, existing.status_code, existing.response
+        if existing.expires_at < now:
             session.execute(delete(IdempotencyKey).where(IdempotencyKey.id == existing.id))
             session.commit()
             continue
         session.rollback()
         if stored_hash != digest:
             raise IdempotencyKeyMismatch("this Idempotency-Key was used with a different request body")
-        if state == "in_flight":
-            raise IdempotencyInFlight("the first request with this Idempotency-Key is in progress")
         assert response is not None and status_code is not None
         return None, Replay(status_code, response)
     raise IdempotencyInFlight("could not claim the Idempotency-Key; retry")

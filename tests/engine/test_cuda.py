@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tiny_problem import NUM_CLASSES, RECIPE, _make_dataset
+from tiny_problem import NUM_CLASSES, RECIPE, make_dataset
 
 from engine.checkpoint import load_model
 from engine.datasets import DatasetSpec
@@ -40,7 +40,7 @@ def spec(tmp_path_factory: pytest.TempPathFactory) -> ModelSpec:
 
 
 def test_memorised_samples_are_forgotten_under_bf16() -> None:
-    dataset, templates = _make_dataset(np.random.default_rng(0))
+    dataset, templates = make_dataset(np.random.default_rng(0))
     data = DeviceData(dataset, torch.device("cuda"))
     train = dataset.train_indices
     original, _ = train_model("small_cnn", NUM_CLASSES, data, train, RECIPE)

@@ -55,7 +55,7 @@ class Problem:
         return accuracy(infer(model, self.data, idx))
 
 
-def _make_dataset(rng: np.random.Generator) -> tuple[Dataset, npt.NDArray[np.int64]]:
+def make_dataset(rng: np.random.Generator) -> tuple[Dataset, npt.NDArray[np.int64]]:
     templates = (rng.random((NUM_CLASSES, SIDE, SIDE)) > 0.5).astype(np.float32)
     per_class = TRAIN_PER_CLASS + TEST_PER_CLASS
     classes = np.repeat(np.arange(NUM_CLASSES), per_class)
@@ -86,7 +86,7 @@ def one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def problem() -> Problem:
-    dataset, templates = _make_dataset(np.random.default_rng(0))
+    dataset, templates = make_dataset(np.random.default_rng(0))
     data = DeviceData(dataset, torch.device("cpu"))
     train = dataset.train_indices
     original, _ = train_model("small_cnn", NUM_CLASSES, data, train, RECIPE)
