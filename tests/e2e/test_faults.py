@@ -871,7 +871,8 @@ def test_two_workers_burst_and_duplicate_messages(
         assert len({r["id"] for r in accepted}) == len(batches)
         for request in accepted:
             final = client.get_deletion_request(request["id"])
-            assert final["status"] == "succeeded" and final["result_version"], final
+            assert final["status"] == "succeeded" and final["result_version"], (
+                final["status"], final["error"], final["verdict"], final["job_id"], service.logs())
         versions = assert_one_lineage(service, "m", set(ids))
         jobs = client.list_jobs(model="m", limit=None)
         print(f"{len(jobs)} jobs, {len(versions)} versions, {duplicates} extra messages, run by "
