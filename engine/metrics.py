@@ -148,8 +148,9 @@ def verification_metrics(
         "mia_forget": mia_member_rate(member, nonmember, forget.losses()),
         "js_original": float(js_divergence(forget.probs, orig_forget.probs).mean()),
         "zrf": float(1.0 - js_divergence(forget.probs, teacher_forget.probs).mean()),
+        # float64: the features of a badly scaled model square past float32's range.
         "feature_distance": float(
-            (forget.features - teacher_forget.features).norm(dim=1).mean()
+            (forget.features.double() - teacher_forget.features.double()).norm(dim=1).mean()
         ),
     }
 

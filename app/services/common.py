@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import secrets
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -28,6 +29,18 @@ COPY_THRESHOLD = 200
 def new_id(prefix: str) -> str:
     """A time-ordered identifier: prefix, 12 hex digits of milliseconds, 16 random hex digits."""
     return f"{prefix}_{int(time.time() * 1000):012x}{secrets.token_hex(8)}"
+
+
+def finite_json(obj: Any) -> Any:
+    """`obj` with every non-finite float (inf, nan) replaced by None: JSON has no such
+    numbers, and PostgreSQL refuses them in a JSON column."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_json(v) for v in obj]
+    return obj
 
 
 def canonical_json(obj: Any) -> str:

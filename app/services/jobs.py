@@ -42,7 +42,15 @@ from app.errors import Conflict, JobNotFound, NotCancellable, StaleAttempt
 from app.services import policy as policy_rules
 from app.services.audit import Event, append_event, append_events
 from app.services.callbacks import enqueue_callback
-from app.services.common import Page, bulk_insert, decode_cursor, encode_cursor, new_id, table_of
+from app.services.common import (
+    Page,
+    bulk_insert,
+    decode_cursor,
+    encode_cursor,
+    finite_json,
+    new_id,
+    table_of,
+)
 from app.services.views import job_public
 from models_store import Store
 
@@ -551,6 +559,8 @@ def complete_job(
     them to a new job running the policy's `fallback_method`.
     """
     job_id = str(job_id)
+    # Evidence is stored as JSON, which has no inf or nan: such a value is recorded as null.
+    metrics, reference, gaps, history = (finite_json(x) for x in (metrics, reference, gaps, history))
     job = _job(session, job_id, lock=True)
     _check_attempt(job, attempt, worker)
     if job.cancel_requested:

@@ -419,3 +419,21 @@ def test_exhausted_attempts_fail_the_job(deployment: Any) -> None:
         assert jobs.claim_job(s, sub.enqueue_job_id, "w9", heartbeat_timeout_s=60, max_attempts=2) is None
         job = jobs.get_job(s, sub.enqueue_job_id)
     assert job["status"] == "failed" and job["error"]["code"] == "too_many_attempts"
+
+
+def test_non_finite_evidence_is_stored_as_null(deployment: Any, make_checkpoint: Any) -> None:
+    # A badly scaled model can give an infinite feature distance; JSON (and PostgreSQL) has no
+    # such number, and the job must still publish.
+    deployment.upload_model("m")
+    train, _ = deployment.ids()
+    job_id = deployment.submit("m", train[:2]).enqueue_job_id
+    ticket = _claim(deployment, job_id)
+    result = _complete(deployment, ticket.job_id, make_checkpoint(seed=3),
+                       metrics={**METRICS, "feature_distance": float("inf"), "zrf": float("nan")},
+                       history=[{"step": 1, "losses": {"forget": float("inf")}}])
+    assert result.published
+    with deployment.sessions() as s:
+        job = s.get(Job, job_id)
+        assert job is not None and job.status == "succeeded"
+        assert job.metrics["feature_distance"] is None and job.metrics["zrf"] is None
+        assert job.metrics["acc_test"] == METRICS["acc_test"]
