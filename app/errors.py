@@ -113,12 +113,14 @@ class DuplicateSampleIds(_SampleIdProblem):
 class InvalidMethodOptions(InvalidInput):
     code, title = "invalid_method_options", "Invalid method options"
 
-    def __init__(self, method: str, problems: Sequence[tuple[str, str]]) -> None:
+    def __init__(self, method: str, problems: Sequence[tuple[str, str, str]]) -> None:
+        """`problems`: (option, message, type), type `method_option` for the option's own
+        schema, `method_option_rule` for a constraint between options."""
         errors = [
-            {"loc": ["body", "method_options", option], "msg": message, "type": "method_option"}
-            for option, message in problems
+            {"loc": ["body", "method_options", option], "msg": message, "type": kind}
+            for option, message, kind in problems
         ]
-        named = ", ".join(f"{option} ({message})" for option, message in problems)
+        named = ", ".join(f"{option} ({message})" for option, message, _ in problems)
         super().__init__(f"options of {method}: {named}", method=method, errors=errors)
 
 

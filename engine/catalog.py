@@ -145,7 +145,7 @@ class MethodSpec:
             merged = {**self.defaults(), **options}
             for rule in self.rules:
                 if not rule.holds(merged):
-                    problems.append(OptionProblem(rule.options[0], rule.description))
+                    problems.append(OptionProblem(rule.options[0], rule.description, rule=True))
         return problems
 
     def json_schema(self) -> dict[str, Any]:
@@ -163,10 +163,11 @@ class MethodSpec:
 
 @dataclass(frozen=True)
 class OptionProblem:
-    """One refused option: its name and why."""
+    """One refused option: its name and why (`rule`: a constraint between options)."""
 
     option: str
     message: str
+    rule: bool = False
 
 
 def _positive(name: str, type_: OptionType, default: Any, maximum: float, description: str = "") -> Option:
@@ -193,10 +194,8 @@ def _lr(default: float, name: str = "lr") -> Option:
     return _positive(name, "number", default, 10, "learning rate")
 
 
-def _epochs(name: str, default: float, description: str = "", *, minimum: float = 0) -> Option:
-    if minimum == 0:
-        return Option(name, "number", default, description, exclusive_minimum=0, maximum=1000)
-    return Option(name, "number", default, description, minimum=minimum, maximum=1000)
+def _epochs(name: str, default: float, description: str = "") -> Option:
+    return Option(name, "number", default, description, exclusive_minimum=0, maximum=1000)
 
 
 def _momentum(default: float) -> Option:

@@ -250,7 +250,10 @@ def _check_method(method: str, options: dict[str, Any]) -> None:
         )
     problems = catalog.check_method_options(method, options)
     if problems:
-        raise InvalidMethodOptions(method, [(p.option, p.message) for p in problems])
+        raise InvalidMethodOptions(
+            method,
+            [(p.option, p.message, "method_option_rule" if p.rule else "method_option") for p in problems],
+        )
 
 
 def _columns(row: DeletionRequest) -> dict[str, Any]:
