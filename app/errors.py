@@ -225,21 +225,25 @@ def to_lethe_error(exc: engine_errors.EngineError) -> LetheError:
     return LetheError("engine error")
 
 
+#: The methods a 405's `Allow` may name (the app serves no others).
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
 def allowed_methods(request: Any) -> list[str]:
     """The methods the app serves on the request's path, for a 405's `Allow` (RFC 9110).
 
     Starlette's own 405 names only the first route matching the path; a path served by
-    several routes (GET and POST on `/v1/models`) needs all of them.
+    several routes (GET and POST on `/v1/models`) needs all of them. Each method is tried
+    against the app's routes, which say whether they fully match it.
     """
     from starlette.routing import Match
 
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        match, _ = route.matches(request.scope)
-        route_methods = getattr(route, "methods", None)
-        if match != Match.NONE and route_methods:
-            methods |= set(route_methods)
-    return sorted(methods)
+    routes = request.app.router.routes
+    return [
+        method
+        for method in _METHODS
+        if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)
+    ]
 
 
 def install_handlers(app: Any) -> None:

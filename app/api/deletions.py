@@ -47,7 +47,15 @@ def create_deletion_request(
     session: SessionDep,
     settings: SettingsDep,
     principal: Annotated[Principal, Depends(require(Scope.DELETIONS_WRITE))],
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)] = None,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            min_length=1,
+            max_length=200,
+            description="Same key and body within 24 h replay the first answer",
+        ),
+    ] = None,
 ) -> Any:
     """Accept a deletion request (202); it joins the model's queued job or starts one."""
     result = deletions.submit_deletion_request(

@@ -80,8 +80,9 @@ _CURSOR = Query(max_length=500, description=CURSOR_DESCRIPTION)
 
 
 class Paging:
-    """`?limit=&cursor=` with the deployment's bounds; a cursor Lethe did not issue is a 400
-    `invalid_cursor` here, before any service runs."""
+    """`?limit=&cursor=` with the deployment's bounds. Reading `cursor` refuses one Lethe did
+    not issue (400 `invalid_cursor`); the handler reads it after authentication, so a caller
+    without a key gets 401 whatever the cursor."""
 
     key_type: type = str
 
@@ -93,11 +94,16 @@ class Paging:
     ) -> None:
         settings: Settings = request.app.state.settings
         self.limit = min(limit or settings.page_limit_default, settings.page_limit_max)
+        self._cursor = cursor
+
+    @property
+    def cursor(self) -> str | None:
+        """The cursor, once checked to be one a list of this kind issued."""
         try:
-            decode_cursor(cursor, self.key_type)
+            decode_cursor(self._cursor, self.key_type)
         except BadRequest:
             raise InvalidCursor("the cursor is not one this list issued") from None
-        self.cursor = cursor
+        return self._cursor
 
 
 class IntPaging(Paging):

@@ -64,7 +64,7 @@ CALLBACK_DESCRIPTION = (
 CallbackUrl = Annotated[
     str,
     StringConstraints(min_length=1, max_length=2000, pattern=CALLBACK_PATTERN_DEVELOPMENT),
-    Field(json_schema_extra={"format": "uri"}, description=CALLBACK_DESCRIPTION),
+    Field(json_schema_extra={"format": "uri"}),
 ]
 
 
@@ -104,7 +104,7 @@ class DeletionRequestCreate(_Strict):
     method: MethodName = DEFAULT_METHOD
     method_options: dict[str, Any] = Field(default_factory=dict)
     verify: VerifyMode = VerifyMode.STANDARD
-    callback_url: CallbackUrl | None = None
+    callback_url: CallbackUrl | None = Field(default=None, description=CALLBACK_DESCRIPTION)
 
 
 class DeletionRequestPublic(_Open):
