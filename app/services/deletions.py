@@ -84,7 +84,7 @@ def submit_deletion_request(
     idempotency_key: str | None = None,
 ) -> Submitted:
     """Validate and accept a deletion request (see the module docstring for the rules)."""
-    method = method or "feature_constraint"
+    method = method or catalog.DEFAULT_METHOD
     body = {
         "model": model,
         "sample_ids": sample_ids,
