@@ -50,6 +50,10 @@ _REGISTRATION_BODY = {
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
+                    "description": (
+                        "The upload: `metadata` (JSON) and the `checkpoint` file. Older clients "
+                        "may send the metadata members as separate form fields instead."
+                    ),
                     "required": ["metadata", "checkpoint"],
                     "properties": {
                         "metadata": {"$ref": "#/components/schemas/ModelUploadMetadata"},
