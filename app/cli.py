@@ -41,17 +41,11 @@ from app.client import (
     NotFound,
     ServiceUnreachable,
 )
+from app.vocab import JobStatus, RequestStatus, Scope, VerifyMode
+from engine.catalog import METHOD_NAMES
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-ALL_SCOPES = (
-    "admin",
-    "deletions:write",
-    "deletions:read",
-    "models:read",
-    "models:download",
-    "models:write",
-    "audit:read",
-)
+ALL_SCOPES = tuple(Scope)
 ADMIN_KEY_FILE = "admin.key"
 
 DEMO_DATASET: dict[str, Any] = {"name": "mnist5k", "kind": "mnist5k", "uri": "", "options": {}}
@@ -267,10 +261,10 @@ def _ensure_admin_key(var_dir: Path) -> str | None:
     from app.errors import AlreadyExists
 
     try:
-        _, secret = _create_key("admin", ["admin"])
+        _, secret = _create_key("admin", [Scope.ADMIN])
     except AlreadyExists:
         # The key file was removed but the key row remains: mint a distinct admin key.
-        _, secret = _create_key(f"admin-{int(time.time())}", ["admin"])
+        _, secret = _create_key(f"admin-{int(time.time())}", [Scope.ADMIN])
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(secret + "\n")
@@ -364,8 +358,8 @@ def bootstrap_demo(
     else:
         if current.get("latest_version"):
             return None
-        pending = client.list_jobs(model=name, status="running", limit=1) or (
-            client.list_jobs(model=name, status="queued", limit=1)
+        pending = client.list_jobs(model=name, status=JobStatus.RUNNING, limit=1) or (
+            client.list_jobs(model=name, status=JobStatus.QUEUED, limit=1)
         )
         if not pending:
             return None
@@ -376,7 +370,7 @@ def bootstrap_demo(
     bar = show or ProgressBar()
     job = client.wait_for_job(str(job_id), poll_interval=0.5, on_update=bar.job)
     bar.done()
-    if job.get("status") != "succeeded":
+    if job.get("status") != JobStatus.SUCCEEDED:
         print(f"training {name} ended {job.get('status')}: {job.get('error')}", file=sys.stderr)
         return str(job_id)
     print(f"{name} v{job.get('result_version')} ready; metrics:")
@@ -540,7 +534,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         )
         bar.done()
         _print_request(final)
-        return 0 if final.get("status") == "succeeded" else 1
+        return 0 if final.get("status") == RequestStatus.SUCCEEDED else 1
 
 
 def _print_request(req: Any) -> None:
@@ -694,8 +688,8 @@ def build_parser() -> argparse.ArgumentParser:
     ids.add_argument("--ids-file", metavar="FILE", help="one ID per line ('-' for stdin)")
     su.add_argument("--subject-ref")
     su.add_argument("--reason")
-    su.add_argument("--method")
-    su.add_argument("--verify", choices=["standard", "retrain"])
+    su.add_argument("--method", choices=METHOD_NAMES)
+    su.add_argument("--verify", choices=[v.value for v in VerifyMode])
     su.add_argument("--idempotency-key")
     su.add_argument("--wait", action="store_true", help="follow it with a progress bar")
     su.add_argument(

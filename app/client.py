@@ -31,7 +31,10 @@ from typing import Any, TypedDict, cast
 
 import httpx
 
-FINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+from app.vocab import FINAL_JOB_STATUSES, FINAL_REQUEST_STATUSES, JobStatus, RequestStatus, VerifyMode
+
+#: The statuses a request or a job never leaves.
+FINAL_STATUSES: frozenset[str] = FINAL_REQUEST_STATUSES | FINAL_JOB_STATUSES
 
 
 class LetheClientError(Exception):
@@ -109,8 +112,13 @@ _BY_STATUS: dict[int, type[LetheAPIError]] = {
 }
 
 
+# The resource types below list every member of the matching OpenAPI schema (named in each
+# docstring) with its type; `tests/api/test_client_types.py` keeps the two equal. Statuses,
+# kinds and phases are the `app.vocab` enums' values; JSON gives them as plain strings.
+
+
 class DeletionRequest(TypedDict, total=False):
-    """`GET /v1/deletion-requests/{id}`."""
+    """`GET /v1/deletion-requests/{id}` (schema `DeletionRequestPublic`)."""
 
     id: str
     model: str
@@ -121,18 +129,19 @@ class DeletionRequest(TypedDict, total=False):
     reason: str | None
     method: str
     verify: str
+    callback_url: str | None
     job_id: str | None
     result_version: int | None
-    verdict: Any
+    verdict: dict[str, Any] | None
     metrics: dict[str, Any] | None
-    error: Any
+    error: dict[str, Any] | None
     received_at: str
     started_at: str | None
     finished_at: str | None
 
 
 class Job(TypedDict, total=False):
-    """`GET /v1/jobs/{id}`."""
+    """`GET /v1/jobs/{id}` (schema `JobPublic`)."""
 
     id: str
     kind: str
@@ -143,16 +152,23 @@ class Job(TypedDict, total=False):
     step: int
     total_steps: int
     eta_seconds: float | None
-    losses: dict[str, float] | None
-    weights: dict[str, float] | None
+    losses: dict[str, float]
+    weights: dict[str, float]
     request_ids: list[str]
+    method: str | None
+    verify: str | None
+    teacher_seed: int | None
     base_version: int | None
     result_version: int | None
     metrics: dict[str, Any] | None
-    verdict: Any
-    error: Any
+    reference: dict[str, Any] | None
+    gaps: dict[str, Any] | None
+    verdict: dict[str, Any] | None
+    error: dict[str, Any] | None
     worker: str | None
     attempts: int
+    cancel_requested: bool
+    fallback_of: str | None
     queued_at: str
     started_at: str | None
     heartbeat_at: str | None
@@ -160,10 +176,10 @@ class Job(TypedDict, total=False):
 
 
 class Model(TypedDict, total=False):
-    """`GET /v1/models/{name}`."""
+    """`GET /v1/models/{name}` (schema `ModelPublic`)."""
 
     name: str
-    dataset: str
+    dataset: str | None
     architecture: str
     num_classes: int
     recipe: dict[str, Any]
@@ -171,11 +187,13 @@ class Model(TypedDict, total=False):
     forgotten_count: int
     pending_requests: int
     policy: dict[str, Any]
+    created_at: str
 
 
 class ModelVersion(TypedDict, total=False):
-    """`GET /v1/models/{name}/versions/{n}`."""
+    """`GET /v1/models/{name}/versions/{n}` (schema `VersionPublic`)."""
 
+    model: str
     version: int
     parent: int | None
     sha256: str
@@ -188,7 +206,7 @@ class ModelVersion(TypedDict, total=False):
 
 
 class Dataset(TypedDict, total=False):
-    """`GET /v1/datasets/{name}`."""
+    """`GET /v1/datasets/{name}` (schema `DatasetPublic`)."""
 
     name: str
     kind: str
@@ -197,16 +215,30 @@ class Dataset(TypedDict, total=False):
     num_samples: int
     num_classes: int
     splits: dict[str, int]
+    input_shape: list[int]
+    fingerprint: str
+    created_at: str
 
 
 class AuditVerification(TypedDict, total=False):
-    """`GET /v1/audit/verify`."""
+    """`GET /v1/audit/verify` (schema `ChainVerification`)."""
 
     ok: bool
     checked: int
     head_seq: int | None
     head_hash: str | None
     first_bad_seq: int | None
+
+
+#: Each resource type and the OpenAPI component schema it mirrors.
+SCHEMAS: dict[str, type] = {
+    "DeletionRequestPublic": DeletionRequest,
+    "JobPublic": Job,
+    "ModelPublic": Model,
+    "VersionPublic": ModelVersion,
+    "DatasetPublic": Dataset,
+    "ChainVerification": AuditVerification,
+}
 
 
 class Download(TypedDict):
@@ -321,7 +353,8 @@ class LetheClient:
         subject_ref: str | None = None,
         reason: str | None = None,
         method: str | None = None,
-        verify: str | None = None,
+        method_options: dict[str, Any] | None = None,
+        verify: VerifyMode | str | None = None,
         callback_url: str | None = None,
         idempotency_key: str | None = None,
     ) -> DeletionRequest:
@@ -331,6 +364,7 @@ class LetheClient:
             "subject_ref": subject_ref,
             "reason": reason,
             "method": method,
+            "method_options": method_options,
             "verify": verify,
             "callback_url": callback_url,
         }
@@ -349,7 +383,7 @@ class LetheClient:
         self,
         *,
         model: str | None = None,
-        status: str | None = None,
+        status: RequestStatus | str | None = None,
         subject_ref: str | None = None,
         limit: int | None = 100,
     ) -> list[DeletionRequest]:
@@ -398,7 +432,11 @@ class LetheClient:
         return cast(Job, self._json("GET", f"/v1/jobs/{job_id}"))
 
     def list_jobs(
-        self, *, model: str | None = None, status: str | None = None, limit: int | None = 100
+        self,
+        *,
+        model: str | None = None,
+        status: JobStatus | str | None = None,
+        limit: int | None = 100,
     ) -> list[Job]:
         """`GET /v1/jobs`, following cursors up to `limit` items."""
         params = {"model": model, "status": status}

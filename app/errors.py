@@ -6,9 +6,11 @@
     │   ├── UnknownSampleIds            422 unknown_sample_ids     (sample_ids, count)
     │   ├── TestSplitSamples            422 test_split_samples     (sample_ids, count)
     │   ├── DuplicateSampleIds          422 duplicate_sample_ids   (sample_ids, count)
+    │   ├── InvalidMethodOptions        422 invalid_method_options (errors: each option)
     │   ├── InvalidCheckpoint           422 invalid_checkpoint
     │   └── IdempotencyKeyMismatch      422 idempotency_key_mismatch
     ├── BadRequest                      400 bad_request
+    │   └── InvalidCursor               400 invalid_cursor         (not a cursor Lethe issued)
     ├── Unauthorized                    401 unauthorized
     ├── Forbidden                       403 forbidden
     ├── NotFound                        404 not_found
@@ -108,6 +110,20 @@ class DuplicateSampleIds(_SampleIdProblem):
     code, title, noun = "duplicate_sample_ids", "Duplicate sample IDs", "sample IDs given twice"
 
 
+class InvalidMethodOptions(InvalidInput):
+    code, title = "invalid_method_options", "Invalid method options"
+
+    def __init__(self, method: str, problems: Sequence[tuple[str, str, str]]) -> None:
+        """`problems`: (option, message, type), type `method_option` for the option's own
+        schema, `method_option_rule` for a constraint between options."""
+        errors = [
+            {"loc": ["body", "method_options", option], "msg": message, "type": kind}
+            for option, message, kind in problems
+        ]
+        named = ", ".join(f"{option} ({message})" for option, message, _ in problems)
+        super().__init__(f"options of {method}: {named}", method=method, errors=errors)
+
+
 class InvalidCheckpoint(InvalidInput):
     code, title = "invalid_checkpoint", "Invalid checkpoint"
 
@@ -118,6 +134,10 @@ class IdempotencyKeyMismatch(InvalidInput):
 
 class BadRequest(LetheError):
     status, code, title = 400, "bad_request", "Bad request"
+
+
+class InvalidCursor(BadRequest):
+    code, title = "invalid_cursor", "Invalid cursor"
 
 
 class Unauthorized(LetheError):
@@ -205,6 +225,27 @@ def to_lethe_error(exc: engine_errors.EngineError) -> LetheError:
     return LetheError("engine error")
 
 
+#: The methods a 405's `Allow` may name (the app serves no others).
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def allowed_methods(request: Any) -> list[str]:
+    """The methods the app serves on the request's path, for a 405's `Allow` (RFC 9110).
+
+    Starlette's own 405 names only the first route matching the path; a path served by
+    several routes (GET and POST on `/v1/models`) needs all of them. Each method is tried
+    against the app's routes, which say whether they fully match it.
+    """
+    from starlette.routing import Match
+
+    routes = request.app.router.routes
+    return [
+        method
+        for method in _METHODS
+        if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)
+    ]
+
+
 def install_handlers(app: Any) -> None:
     """Register the problem+json handlers on a FastAPI app."""
     from fastapi import Request
@@ -246,7 +287,10 @@ def install_handlers(app: Any) -> None:
         err.status = exc.status_code
         err.title = str(exc.detail)
         err.code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return render(request, err)
+        response = render(request, err)
+        if exc.status_code == 405:
+            response.headers["Allow"] = ", ".join(allowed_methods(request))
+        return response
 
     async def on_data_error(request: Request, exc: Exception) -> JSONResponse:
         return render(request, InvalidInput("a value cannot be stored (for example a NUL character)"))

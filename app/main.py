@@ -17,7 +17,13 @@ from pydantic.json_schema import models_json_schema
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api import audit, datasets, deletions, jobs, models, ops
-from app.api.schemas import ModelCreate, Problem
+from app.api.schemas import (
+    CALLBACK_PATTERN_DEVELOPMENT,
+    CALLBACK_PATTERN_HTTPS,
+    ModelTrainCreate,
+    ModelUploadMetadata,
+    Problem,
+)
 from app.db import create_db_engine, create_session_factory
 from app.dispatch import Dispatcher
 from app.errors import PROBLEM_JSON, PayloadTooLarge, install_handlers
@@ -98,24 +104,33 @@ class BodyLimit:
 
 class LetheAPI(FastAPI):
     """FastAPI whose OpenAPI document also carries the schemas that hand-written parts of it
-    refer to: `Problem` (every error response, `application/problem+json`) and `ModelCreate`
-    (the JSON body of `POST /v1/models`, which the route parses itself)."""
+    refer to (`Problem`, every error response as `application/problem+json`; the two bodies
+    of `POST /v1/models`, which a dependency parses itself), and states the deployment's own
+    rule for `callback_url` (plain http to loopback only in development)."""
 
     def openapi(self) -> dict[str, Any]:
         """The generated document plus the referenced component schemas."""
-        document = super().openapi()
+        document = super().openapi()  # cached by FastAPI; the additions below are idempotent
         schemas = document.setdefault("components", {}).setdefault("schemas", {})
-        if not all(model.__name__ in schemas for model in _REFERENCED_MODELS):
-            _, top = models_json_schema(
-                [(model, "validation") for model in _REFERENCED_MODELS],
-                ref_template="#/components/schemas/{model}",
-            )
-            for name, schema in top["$defs"].items():
-                schemas.setdefault(name, schema)
+        _, top = models_json_schema(
+            [(model, "validation") for model in _REFERENCED_MODELS],
+            ref_template="#/components/schemas/{model}",
+        )
+        for name, schema in top["$defs"].items():
+            schemas.setdefault(name, schema)
+        settings: Settings = self.state.settings
+        callback = schemas["DeletionRequestCreate"]["properties"]["callback_url"]
+        for variant in callback.get("anyOf", [callback]):
+            if variant.get("type") == "string":
+                variant["pattern"] = (
+                    CALLBACK_PATTERN_DEVELOPMENT
+                    if settings.environment == "development"
+                    else CALLBACK_PATTERN_HTTPS
+                )
         return document
 
 
-_REFERENCED_MODELS = (Problem, ModelCreate)
+_REFERENCED_MODELS = (Problem, ModelTrainCreate, ModelUploadMetadata)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 
-from app.api.deps import PagingDep, SessionDep, require
-from app.api.schemas import PROBLEM_RESPONSES, AuditList, ChainVerification
+from app.api.deps import IntPagingDep, SessionDep, require
+from app.api.schemas import PROBLEM_RESPONSES, AuditList, ChainVerification, Timestamp
 from app.services import audit
 from app.services.apikeys import Principal
+from app.vocab import Scope
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
 
@@ -19,12 +19,12 @@ router = APIRouter(prefix="/v1/audit", tags=["audit"])
 @router.get("", response_model=AuditList, responses=PROBLEM_RESPONSES)
 def list_events(
     session: SessionDep,
-    paging: PagingDep,
-    _: Annotated[Principal, Depends(require("audit:read"))],
+    paging: IntPagingDep,
+    _: Annotated[Principal, Depends(require(Scope.AUDIT_READ))],
     model: Annotated[str | None, Query(max_length=100)] = None,
     request_id: Annotated[str | None, Query(max_length=40)] = None,
     action: Annotated[str | None, Query(max_length=60)] = None,
-    since: datetime | None = None,
+    since: Annotated[Timestamp | None, Query(description="Events at or after this time")] = None,
 ) -> Any:
     """Events in chain order."""
     page = audit.list_events(
@@ -40,7 +40,7 @@ def list_events(
 
 
 @router.get("/verify", response_model=ChainVerification, responses=PROBLEM_RESPONSES)
-def verify(session: SessionDep, _: Annotated[Principal, Depends(require("audit:read"))]) -> Any:
+def verify(session: SessionDep, _: Annotated[Principal, Depends(require(Scope.AUDIT_READ))]) -> Any:
     """Re-verify every hash and link of the chain."""
     return audit.verify_chain(session).as_dict()
 
@@ -52,11 +52,11 @@ def verify(session: SessionDep, _: Annotated[Principal, Depends(require("audit:r
 )
 def export(
     request: Request,
-    _: Annotated[Principal, Depends(require("audit:read"))],
+    _: Annotated[Principal, Depends(require(Scope.AUDIT_READ))],
     model: Annotated[str | None, Query(max_length=100)] = None,
     request_id: Annotated[str | None, Query(max_length=40)] = None,
     action: Annotated[str | None, Query(max_length=60)] = None,
-    since: datetime | None = None,
+    since: Annotated[Timestamp | None, Query(description="Events at or after this time")] = None,
 ) -> StreamingResponse:
     """The chain as JSON Lines, streamed."""
     sessions = request.app.state.sessions

@@ -17,6 +17,7 @@ from app.api.schemas import (
 )
 from app.services import datasets
 from app.services.apikeys import Principal
+from app.vocab import Scope
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 NamePath = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")]
@@ -26,7 +27,7 @@ NamePath = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")]
 def create_dataset(
     body: DatasetCreate,
     session: SessionDep,
-    principal: Annotated[Principal, Depends(require("admin"))],
+    principal: Annotated[Principal, Depends(require(Scope.ADMIN))],
 ) -> Any:
     """Register a dataset and index its samples."""
     created = datasets.register_dataset(session, actor=principal.name, **body.model_dump())
@@ -37,7 +38,7 @@ def create_dataset(
 
 @router.get("", response_model=DatasetList, responses=PROBLEM_RESPONSES)
 def list_datasets(
-    session: SessionDep, paging: PagingDep, _: Annotated[Principal, Depends(require("models:read"))]
+    session: SessionDep, paging: PagingDep, _: Annotated[Principal, Depends(require(Scope.MODELS_READ))]
 ) -> Any:
     """Datasets by name."""
     page = datasets.list_datasets(session, limit=paging.limit, cursor=paging.cursor)
@@ -46,7 +47,7 @@ def list_datasets(
 
 @router.get("/{name}", response_model=DatasetPublic, responses=PROBLEM_RESPONSES)
 def get_dataset(
-    name: NamePath, session: SessionDep, _: Annotated[Principal, Depends(require("models:read"))]
+    name: NamePath, session: SessionDep, _: Annotated[Principal, Depends(require(Scope.MODELS_READ))]
 ) -> Any:
     """One dataset with its sizes."""
     return datasets.get_dataset(session, name)
@@ -57,7 +58,7 @@ def list_samples(
     name: NamePath,
     session: SessionDep,
     paging: PagingDep,
-    _: Annotated[Principal, Depends(require("models:read"))],
+    _: Annotated[Principal, Depends(require(Scope.MODELS_READ))],
     split: Literal["train", "test"] | None = None,
     label: Annotated[int | None, Query(ge=0, le=2**31 - 1)] = None,
 ) -> Any:

@@ -13,18 +13,32 @@ from app.api.schemas import (
     DeletionRequestCreate,
     DeletionRequestList,
     DeletionRequestPublic,
+    link,
 )
 from app.services import deletions
 from app.services.apikeys import Principal
+from app.vocab import RequestStatus, Scope
 
 router = APIRouter(prefix="/v1/deletion-requests", tags=["deletion requests"])
+
+
+_REQUEST_LINKS = {
+    "read": link("GET", "/v1/deletion-requests/{request_id}", "The request", request_id="$response.body#/id"),
+    "cancel": link(
+        "POST", "/v1/deletion-requests/{request_id}/cancel", "Cancel it", request_id="$response.body#/id"
+    ),
+    "job": link("GET", "/v1/jobs/{job_id}", "The job it joined", job_id="$response.body#/job_id"),
+}
 
 
 @router.post(
     "",
     status_code=202,
     response_model=DeletionRequestPublic,
-    responses=PROBLEM_RESPONSES,
+    responses={
+        **PROBLEM_RESPONSES,
+        202: {"description": "Accepted", "links": _REQUEST_LINKS},
+    },
     summary="Ask a model to forget samples",
 )
 def create_deletion_request(
@@ -32,8 +46,16 @@ def create_deletion_request(
     request: Request,
     session: SessionDep,
     settings: SettingsDep,
-    principal: Annotated[Principal, Depends(require("deletions:write"))],
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)] = None,
+    principal: Annotated[Principal, Depends(require(Scope.DELETIONS_WRITE))],
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            min_length=1,
+            max_length=200,
+            description="Same key and body within 24 h replay the first answer",
+        ),
+    ] = None,
 ) -> Any:
     """Accept a deletion request (202); it joins the model's queued job or starts one."""
     result = deletions.submit_deletion_request(
@@ -51,13 +73,36 @@ def create_deletion_request(
     return JSONResponse(result.body, status_code=result.status_code, headers=headers)
 
 
-@router.get("", response_model=DeletionRequestList, responses=PROBLEM_RESPONSES)
+@router.get(
+    "",
+    response_model=DeletionRequestList,
+    responses={
+        **PROBLEM_RESPONSES,
+        200: {
+            "description": "A page of requests",
+            "links": {
+                "first": link(
+                    "GET",
+                    "/v1/deletion-requests/{request_id}",
+                    "The first request of the page",
+                    request_id="$response.body#/items/0/id",
+                ),
+                "cancel_first": link(
+                    "POST",
+                    "/v1/deletion-requests/{request_id}/cancel",
+                    "Cancel the first request of the page",
+                    request_id="$response.body#/items/0/id",
+                ),
+            },
+        },
+    },
+)
 def list_deletion_requests(
     session: SessionDep,
     paging: PagingDep,
-    _: Annotated[Principal, Depends(require("deletions:read"))],
+    _: Annotated[Principal, Depends(require(Scope.DELETIONS_READ))],
     model: Annotated[str | None, Query(max_length=100)] = None,
-    status: Annotated[str | None, Query(max_length=16)] = None,
+    status: RequestStatus | None = None,
     subject_ref: Annotated[str | None, Query(max_length=200)] = None,
 ) -> Any:
     """Requests, newest first."""
@@ -76,7 +121,7 @@ def list_deletion_requests(
 def get_deletion_request(
     request_id: str,
     session: SessionDep,
-    _: Annotated[Principal, Depends(require("deletions:read"))],
+    _: Annotated[Principal, Depends(require(Scope.DELETIONS_READ))],
 ) -> Any:
     """One request."""
     return deletions.get_deletion_request(session, request_id)
@@ -91,7 +136,7 @@ def get_deletion_request(
 def cancel_deletion_request(
     request_id: str,
     session: SessionDep,
-    principal: Annotated[Principal, Depends(require("deletions:write"))],
+    principal: Annotated[Principal, Depends(require(Scope.DELETIONS_WRITE))],
 ) -> Any:
     """Cancel a request that is still `accepted` or `queued` (else 409 `not_cancellable`)."""
     return deletions.cancel_deletion_request(session, request_id, actor=principal.name)

@@ -10,9 +10,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from app.errors import Forbidden, Unauthorized
+from app.errors import BadRequest, Forbidden, InvalidCursor, Unauthorized
 from app.services.apikeys import Principal, authenticate
+from app.services.common import decode_cursor
 from app.settings import Settings
+from app.vocab import Scope
 from models_store import Store
 
 # Dependencies that do no I/O are `async def`: FastAPI runs a plain `def` dependency in the
@@ -46,7 +48,7 @@ async def get_store(request: Request) -> Store:
 _BEARER = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer <key>`")
 
 
-def require(scope: str) -> Callable[..., Principal]:
+def require(scope: Scope) -> Callable[..., Principal]:
     """A dependency admitting callers whose key holds `scope` (or `admin`)."""
 
     def dependency(
@@ -70,21 +72,48 @@ def require(scope: str) -> Callable[..., Principal]:
     return dependency
 
 
+CURSOR_DESCRIPTION = (
+    "An opaque token: the `next_cursor` of the previous page, passed back unchanged. Any other "
+    "value is refused with 400 `invalid_cursor`."
+)
+_CURSOR = Query(max_length=500, description=CURSOR_DESCRIPTION)
+
+
 class Paging:
-    """`?limit=&cursor=` with the deployment's bounds."""
+    """`?limit=&cursor=` with the deployment's bounds. Reading `cursor` refuses one Lethe did
+    not issue (400 `invalid_cursor`); the handler reads it after authentication, so a caller
+    without a key gets 401 whatever the cursor."""
+
+    key_type: type = str
 
     def __init__(
         self,
         request: Request,
         limit: Annotated[int | None, Query(ge=1, le=1000)] = None,
-        cursor: Annotated[str | None, Query(max_length=500)] = None,
+        cursor: Annotated[str | None, _CURSOR] = None,
     ) -> None:
         settings: Settings = request.app.state.settings
         self.limit = min(limit or settings.page_limit_default, settings.page_limit_max)
-        self.cursor = cursor
+        self._cursor = cursor
+
+    @property
+    def cursor(self) -> str | None:
+        """The cursor, once checked to be one a list of this kind issued."""
+        try:
+            decode_cursor(self._cursor, self.key_type)
+        except BadRequest:
+            raise InvalidCursor("the cursor is not one this list issued") from None
+        return self._cursor
+
+
+class IntPaging(Paging):
+    """Paging over a list ordered by a number (audit sequence, version)."""
+
+    key_type = int
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 StoreDep = Annotated[Store, Depends(get_store)]
 PagingDep = Annotated[Paging, Depends(Paging)]
+IntPagingDep = Annotated[IntPaging, Depends(IntPaging)]

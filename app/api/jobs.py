@@ -10,6 +10,7 @@ from app.api.deps import PagingDep, SessionDep, require
 from app.api.schemas import PROBLEM_RESPONSES, JobList, JobPublic
 from app.services import jobs
 from app.services.apikeys import Principal
+from app.vocab import JobStatus, Scope
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -18,9 +19,9 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 def list_jobs(
     session: SessionDep,
     paging: PagingDep,
-    _: Annotated[Principal, Depends(require("deletions:read"))],
+    _: Annotated[Principal, Depends(require(Scope.DELETIONS_READ))],
     model: Annotated[str | None, Query(max_length=100)] = None,
-    status: Annotated[str | None, Query(max_length=16)] = None,
+    status: JobStatus | None = None,
 ) -> Any:
     """Jobs, newest first."""
     page = jobs.list_jobs(
@@ -31,7 +32,7 @@ def list_jobs(
 
 @router.get("/{job_id}", response_model=JobPublic, responses=PROBLEM_RESPONSES)
 def get_job(
-    job_id: str, session: SessionDep, _: Annotated[Principal, Depends(require("deletions:read"))]
+    job_id: str, session: SessionDep, _: Annotated[Principal, Depends(require(Scope.DELETIONS_READ))]
 ) -> Any:
     """One job with its progress."""
     return jobs.get_job(session, job_id)
@@ -43,7 +44,7 @@ def get_job(
 def cancel_job(
     job_id: str,
     session: SessionDep,
-    principal: Annotated[Principal, Depends(require("deletions:write"))],
+    principal: Annotated[Principal, Depends(require(Scope.DELETIONS_WRITE))],
 ) -> Any:
     """Cancel a job: at once while queued, at the worker's next step while running."""
     return jobs.cancel_job(session, job_id, actor=principal.name)

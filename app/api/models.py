@@ -4,21 +4,27 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Path, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
+from starlette.datastructures import FormData, UploadFile
 
-from app.api.deps import PagingDep, SessionDep, StoreDep, require
+from app.api.deps import IntPagingDep, PagingDep, SessionDep, SettingsDep, StoreDep, require
 from app.api.schemas import (
     PROBLEM_RESPONSES,
     ModelCreate,
     ModelList,
     ModelPublic,
+    ModelTrainCreate,
+    ModelUploadMetadata,
     VersionList,
     VersionPublic,
+    link,
 )
 from app.errors import (
     BadRequest,
@@ -29,93 +35,116 @@ from app.errors import (
 )
 from app.services import models
 from app.services.apikeys import Principal
-from app.settings import Settings
+from app.vocab import Scope
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 NamePath = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")]
 VersionPath = Annotated[str, Path(pattern=r"^(latest|[0-9]{1,9})$")]
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
-_UPLOAD_SCHEMA = {
+_REGISTRATION_BODY = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {"schema": {"$ref": "#/components/schemas/ModelCreate"}},
+            "application/json": {"schema": {"$ref": "#/components/schemas/ModelTrainCreate"}},
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
+                    "description": (
+                        "The upload: `metadata` (JSON) and the `checkpoint` file. Older clients "
+                        "may send the metadata members as separate form fields instead."
+                    ),
                     "required": ["metadata", "checkpoint"],
                     "properties": {
-                        "metadata": {
+                        "metadata": {"$ref": "#/components/schemas/ModelUploadMetadata"},
+                        "checkpoint": {
                             "type": "string",
-                            "description": "ModelCreate as JSON (init omitted or 'upload')",
+                            "format": "binary",
+                            "description": "The safetensors file of version 1",
                         },
-                        "checkpoint": {"type": "string", "format": "binary"},
                     },
-                }
+                },
+                "encoding": {"metadata": {"contentType": "application/json"}},
             },
         },
     }
 }
 
 
-def _parse_spec(raw: Any) -> ModelCreate:
+_MODEL_LINKS = {
+    "read": link("GET", "/v1/models/{name}", "The model", name="$response.body#/name"),
+    "versions": link(
+        "GET", "/v1/models/{name}/versions", "Its versions", name="$response.body#/name"
+    ),
+    "latest": link(
+        "GET", "/v1/models/{name}/versions/{n}", "Its latest version", name="$response.body#/name",
+        n="latest",
+    ),
+}
+
+
+def _version_links(version: str) -> dict[str, Any]:
+    return {
+        "checkpoint": link(
+            "GET", "/v1/models/{name}/versions/{n}/checkpoint", "Download the version",
+            name="$request.path.name", n=version,
+        ),
+        "manifest": link(
+            "GET", "/v1/models/{name}/versions/{n}/manifest", "The version's manifest",
+            name="$request.path.name", n=version,
+        ),
+    }
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A parsed `POST /v1/models`: what to register and, for an upload, the file."""
+
+    spec: ModelCreate
+    checkpoint: UploadFile | None
+
+
+def _validated(model: type[ModelCreate], raw: Any) -> ModelCreate:
     try:
-        return ModelCreate.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
         raise ValidationFailed(
             [{"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
         ) from None
 
 
-@router.post(
-    "",
-    status_code=201,
-    response_model=ModelPublic,
-    responses={**PROBLEM_RESPONSES, 202: {"model": ModelPublic, "description": "Train job queued"}},
-    openapi_extra=_UPLOAD_SCHEMA,
-)
-async def create_model(
-    request: Request,
-    store: StoreDep,
-    principal: Annotated[Principal, Depends(require("models:write"))],
-) -> Any:
-    """Register a model: JSON with `init: "train"` (202, a train job) or a multipart upload of
-    a safetensors checkpoint with `metadata` (201, version 1)."""
-    settings: Settings = request.app.state.settings
+def _json_part(raw: str, field: str) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise InvalidInput(f"{field} is not valid JSON", field=field) from None
+
+
+def _upload_metadata(form: FormData) -> Any:
+    """The `metadata` part; or, as older clients send it, one form field per member."""
+    meta_raw = form.get("metadata")
+    if isinstance(meta_raw, str):
+        return _json_part(meta_raw, "metadata")
+    meta: dict[str, Any] = {k: v for k, v in form.items() if isinstance(v, str)}
+    for key in ("recipe", "policy"):
+        if isinstance(meta.get(key), str):
+            meta[key] = _json_part(meta[key], key)
+    return meta
+
+
+async def parse_registration(
+    request: Request, settings: SettingsDep
+) -> AsyncIterator[Registration]:
+    """Parse either registration form: JSON (`ModelTrainCreate`) or multipart (`metadata` as
+    `ModelUploadMetadata` plus the `checkpoint` file). The form is closed after the handler."""
     ctype = request.headers.get("content-type", "")
-    sessions = request.app.state.sessions
     if ctype.startswith("application/json"):
         try:
             raw = json.loads(await request.body())
         except ValueError:
             raise BadRequest("the body is not valid JSON") from None
-        spec = _parse_spec(raw)
-        if spec.init != "train":
-            raise InvalidInput(
-                'JSON registration needs init: "train"; upload a checkpoint as multipart',
-                field="init",
-            )
-
-        def train() -> models.Registered:
-            with sessions() as session:
-                return models.register_model_train(
-                    session,
-                    principal=principal,
-                    name=spec.name,
-                    dataset=spec.dataset,
-                    architecture=spec.architecture,
-                    num_classes=spec.num_classes,
-                    recipe=spec.recipe.model_dump(),
-                    policy=spec.policy,
-                )
-
-        reg = await run_in_threadpool(train)
-        if reg.enqueue_job_id:
-            await run_in_threadpool(request.app.state.dispatcher.enqueue, reg.enqueue_job_id)
-        return JSONResponse(
-            reg.body, status_code=202, headers={"Location": f"/v1/jobs/{reg.enqueue_job_id}"}
-        )
+        yield Registration(_validated(ModelTrainCreate, raw), None)
+        return
     if not ctype.startswith("multipart/form-data"):
         raise InvalidInput("send application/json or multipart/form-data", field="content-type")
     try:
@@ -123,20 +152,7 @@ async def create_model(
     except Exception as exc:
         raise BadRequest(f"unreadable multipart body: {exc}") from None
     try:
-        meta_raw = form.get("metadata")
-        if isinstance(meta_raw, str):
-            try:
-                meta = json.loads(meta_raw)
-            except ValueError:
-                raise InvalidInput("metadata is not valid JSON", field="metadata") from None
-        else:
-            meta = {k: v for k, v in form.items() if isinstance(v, str)}
-            if isinstance(meta.get("recipe"), str):
-                try:
-                    meta["recipe"] = json.loads(meta["recipe"])
-                except ValueError:
-                    raise InvalidInput("recipe is not valid JSON", field="recipe") from None
-        spec = _parse_spec(meta)
+        spec = _validated(ModelUploadMetadata, _upload_metadata(form))
         upload = form.get("checkpoint")
         if upload is None or isinstance(upload, str):
             raise InvalidInput("a 'checkpoint' file part is required", field="checkpoint")
@@ -144,32 +160,86 @@ async def create_model(
             raise PayloadTooLarge(
                 f"checkpoints are limited to {settings.max_checkpoint_bytes} bytes"
             )
-
-        def register() -> models.Registered:
-            with sessions() as session:
-                return models.register_model_upload(
-                    session,
-                    store,
-                    principal=principal,
-                    name=spec.name,
-                    dataset=spec.dataset,
-                    architecture=spec.architecture,
-                    num_classes=spec.num_classes,
-                    recipe=spec.recipe.model_dump(),
-                    policy=spec.policy,
-                    checkpoint=upload.file,
-                    max_bytes=settings.max_checkpoint_bytes,
-                )
-
-        reg = await run_in_threadpool(register)
+        yield Registration(spec, upload)
     finally:
         await form.close()
-    return JSONResponse(reg.body, status_code=201, headers={"Location": f"/v1/models/{spec.name}"})
 
 
-@router.get("", response_model=ModelList, responses=PROBLEM_RESPONSES)
+@router.post(
+    "",
+    status_code=201,
+    response_model=ModelPublic,
+    responses={
+        **PROBLEM_RESPONSES,
+        201: {"description": "Registered with version 1", "links": _MODEL_LINKS},
+        202: {"model": ModelPublic, "description": "Train job queued", "links": _MODEL_LINKS},
+    },
+    openapi_extra=_REGISTRATION_BODY,
+)
+async def create_model(
+    # Authentication first: an anonymous caller learns nothing about the body's shape.
+    principal: Annotated[Principal, Depends(require(Scope.MODELS_WRITE))],
+    registration: Annotated[Registration, Depends(parse_registration)],
+    request: Request,
+    store: StoreDep,
+    settings: SettingsDep,
+) -> Any:
+    """Register a model: JSON with `init: "train"` (202, a train job) or a multipart upload of
+    a safetensors checkpoint with its `metadata` (201, version 1)."""
+    spec, upload = registration.spec, registration.checkpoint
+    sessions = request.app.state.sessions
+    common: dict[str, Any] = {
+        "principal": principal,
+        "name": spec.name,
+        "dataset": spec.dataset,
+        "architecture": spec.architecture,
+        "num_classes": spec.num_classes,
+        "recipe": spec.recipe.model_dump(),
+        "policy": spec.policy_overrides(),
+    }
+
+    def register() -> models.Registered:
+        with sessions() as session:
+            if upload is None:
+                return models.register_model_train(session, **common)
+            return models.register_model_upload(
+                session,
+                store,
+                checkpoint=upload.file,
+                max_bytes=settings.max_checkpoint_bytes,
+                **common,
+            )
+
+    reg = await run_in_threadpool(register)
+    if upload is not None:
+        return JSONResponse(
+            reg.body, status_code=201, headers={"Location": f"/v1/models/{spec.name}"}
+        )
+    if reg.enqueue_job_id:
+        await run_in_threadpool(request.app.state.dispatcher.enqueue, reg.enqueue_job_id)
+    return JSONResponse(
+        reg.body, status_code=202, headers={"Location": f"/v1/jobs/{reg.enqueue_job_id}"}
+    )
+
+
+@router.get(
+    "",
+    response_model=ModelList,
+    responses={
+        **PROBLEM_RESPONSES,
+        200: {
+            "description": "A page of models",
+            "links": {
+                "versions": link(
+                    "GET", "/v1/models/{name}/versions", "The first model's versions",
+                    name="$response.body#/items/0/name",
+                )
+            },
+        },
+    },
+)
 def list_models(
-    session: SessionDep, paging: PagingDep, _: Annotated[Principal, Depends(require("models:read"))]
+    session: SessionDep, paging: PagingDep, _: Annotated[Principal, Depends(require(Scope.MODELS_READ))]
 ) -> Any:
     """Models by name."""
     page = models.list_models(session, limit=paging.limit, cursor=paging.cursor)
@@ -178,30 +248,47 @@ def list_models(
 
 @router.get("/{name}", response_model=ModelPublic, responses=PROBLEM_RESPONSES)
 def get_model(
-    name: NamePath, session: SessionDep, _: Annotated[Principal, Depends(require("models:read"))]
+    name: NamePath, session: SessionDep, _: Annotated[Principal, Depends(require(Scope.MODELS_READ))]
 ) -> Any:
     """One model: latest version, forgotten count, pending requests, policy."""
     return models.get_model(session, name)
 
 
-@router.get("/{name}/versions", response_model=VersionList, responses=PROBLEM_RESPONSES)
+@router.get(
+    "/{name}/versions",
+    response_model=VersionList,
+    responses={
+        **PROBLEM_RESPONSES,
+        200: {
+            "description": "A page of versions",
+            "links": _version_links("$response.body#/items/0/version"),
+        },
+    },
+)
 def list_versions(
     name: NamePath,
     session: SessionDep,
-    paging: PagingDep,
-    _: Annotated[Principal, Depends(require("models:read"))],
+    paging: IntPagingDep,
+    _: Annotated[Principal, Depends(require(Scope.MODELS_READ))],
 ) -> Any:
     """A model's versions, newest first."""
     page = models.list_versions(session, name, limit=paging.limit, cursor=paging.cursor)
     return {"items": page.items, "next_cursor": page.next_cursor}
 
 
-@router.get("/{name}/versions/{n}", response_model=VersionPublic, responses=PROBLEM_RESPONSES)
+@router.get(
+    "/{name}/versions/{n}",
+    response_model=VersionPublic,
+    responses={
+        **PROBLEM_RESPONSES,
+        200: {"description": "The version", "links": _version_links("$response.body#/version")},
+    },
+)
 def get_version(
     name: NamePath,
     n: VersionPath,
     session: SessionDep,
-    _: Annotated[Principal, Depends(require("models:read"))],
+    _: Annotated[Principal, Depends(require(Scope.MODELS_READ))],
 ) -> Any:
     """One version (`n` may be `latest`)."""
     return models.get_version(session, name, n)
@@ -213,7 +300,7 @@ def get_manifest(
     n: VersionPath,
     session: SessionDep,
     store: StoreDep,
-    _: Annotated[Principal, Depends(require("models:read"))],
+    _: Annotated[Principal, Depends(require(Scope.MODELS_READ))],
 ) -> Any:
     """The version's JSON manifest."""
     return models.get_manifest(session, store, name, n)
@@ -281,7 +368,7 @@ def download_checkpoint(
     n: VersionPath,
     session: SessionDep,
     store: StoreDep,
-    principal: Annotated[Principal, Depends(require("models:download"))],
+    principal: Annotated[Principal, Depends(require(Scope.MODELS_DOWNLOAD))],
     range_header: Annotated[
         str | None, Header(alias="Range", description="One byte range, `bytes=first-last`")
     ] = None,

@@ -2,15 +2,70 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import re
+from datetime import datetime
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
 from app.errors import PROBLEM_JSON
+from app.vocab import JobKind, JobPhase, JobStatus, RequestStatus, VerifyMode
+from engine.arch_shapes import ARCHITECTURES
+from engine.catalog import DEFAULT_METHOD, METHOD_NAMES, METHODS, OPTIMIZERS
+from engine.datasets import ADAPTERS
 
 #: Printable IDs only: no control characters (PostgreSQL text cannot hold NUL).
 SampleId = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")]
+
+# Closed sets read from their sources (the method catalog, the dataset adapters, the
+# architectures, the training optimizers): pydantic validates them as Literals and the
+# OpenAPI document declares them as enums.
+if TYPE_CHECKING:
+    MethodName = str
+    DatasetKind = str
+    Architecture = str
+    Optimizer = str
+else:
+    MethodName = Literal[METHOD_NAMES]
+    DatasetKind = Literal[tuple(ADAPTERS)]
+    Architecture = Literal[ARCHITECTURES]
+    Optimizer = Literal[OPTIMIZERS]
+
+_RFC3339 = re.compile(
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2})$"
+)
+
+
+def _rfc3339(value: Any) -> Any:
+    """Only an RFC 3339 date-time with an offset (pydantic alone also takes `0.5` as a Unix
+    time, which the document's `format: date-time` does not allow)."""
+    if isinstance(value, str) and _RFC3339.match(value.upper()):
+        return value.upper()
+    raise ValueError("must be an RFC 3339 date-time with an offset, e.g. 2026-01-31T12:00:00Z")
+
+
+#: A timestamp in a query (`since`): RFC 3339, validated.
+Timestamp = Annotated[datetime, BeforeValidator(_rfc3339)]
+
+_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+_URI_TAIL = r"(:[0-9]{1,5})?([/?#][A-Za-z0-9._~:/?#\[\]@!$&'()*+,;=%-]*)?$"
+#: `callback_url` in production: https only.
+CALLBACK_PATTERN_HTTPS = r"^https://[A-Za-z0-9.-]+" + _URI_TAIL
+#: `callback_url` in development: https, or plain http to a loopback host.
+CALLBACK_PATTERN_DEVELOPMENT = (
+    r"^(https://[A-Za-z0-9.-]+|http://(localhost|127\." + _OCTET + r"\." + _OCTET + r"\." + _OCTET
+    + r"|\[::1\]))" + _URI_TAIL
+)
+CALLBACK_DESCRIPTION = (
+    "Where the final request resource is POSTed, signed. https; plain http only to a loopback "
+    "host (localhost, 127.0.0.0/8, [::1]) and only on a deployment in development."
+)
+CallbackUrl = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=2000, pattern=CALLBACK_PATTERN_DEVELOPMENT),
+    Field(json_schema_extra={"format": "uri"}),
+]
 
 
 class _Strict(BaseModel):
@@ -21,17 +76,35 @@ class _Open(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+def _method_variants(schema: dict[str, Any]) -> None:
+    """`method_options` per `method`, from the catalog: one variant per method (the default
+    method's variant also covers a body without `method`)."""
+    variants = []
+    for name, spec in METHODS.items():
+        variant: dict[str, Any] = {
+            "title": name,
+            "properties": {"method": {"const": name}, "method_options": spec.json_schema()},
+        }
+        if name != DEFAULT_METHOD:
+            variant["required"] = ["method"]
+        variants.append(variant)
+    schema["oneOf"] = variants
+
+
 class DeletionRequestCreate(_Strict):
-    """Body of `POST /v1/deletion-requests`."""
+    """Body of `POST /v1/deletion-requests`. `method_options` are the chosen method's options
+    (each variant of `oneOf` lists one method's, with types, defaults and bounds)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_method_variants)
 
     model: Annotated[str, StringConstraints(min_length=1, max_length=100)]
-    sample_ids: list[SampleId] = Field(min_length=1)
+    sample_ids: list[SampleId] = Field(min_length=1, json_schema_extra={"uniqueItems": True})
     subject_ref: Annotated[str, StringConstraints(max_length=200)] | None = None
     reason: Annotated[str, StringConstraints(max_length=2000)] | None = None
-    method: Annotated[str, StringConstraints(min_length=1, max_length=60)] = "feature_constraint"
+    method: MethodName = DEFAULT_METHOD
     method_options: dict[str, Any] = Field(default_factory=dict)
-    verify: Literal["standard", "retrain"] = "standard"
-    callback_url: Annotated[str, StringConstraints(min_length=1, max_length=2000)] | None = None
+    verify: VerifyMode = VerifyMode.STANDARD
+    callback_url: CallbackUrl | None = Field(default=None, description=CALLBACK_DESCRIPTION)
 
 
 class DeletionRequestPublic(_Open):
@@ -39,13 +112,14 @@ class DeletionRequestPublic(_Open):
 
     id: str
     model: str
-    status: Literal["accepted", "queued", "running", "succeeded", "failed", "cancelled"]
+    status: RequestStatus
     sample_count: int
     already_forgotten_count: int
     subject_ref: str | None
     reason: str | None
-    method: str
-    verify: str
+    method: MethodName
+    verify: VerifyMode
+    callback_url: str | None
     job_id: str | None
     result_version: int | None
     verdict: dict[str, Any] | None
@@ -67,10 +141,10 @@ class JobPublic(_Open):
     """A job."""
 
     id: str
-    kind: Literal["unlearn", "train", "retrain"]
+    kind: JobKind
     model: str
-    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
-    phase: str
+    status: JobStatus
+    phase: JobPhase
     progress: float
     step: int
     total_steps: int
@@ -78,13 +152,20 @@ class JobPublic(_Open):
     losses: dict[str, float]
     weights: dict[str, float]
     request_ids: list[str]
+    method: str | None
+    verify: str | None
+    teacher_seed: int | None
     base_version: int | None
     result_version: int | None
     metrics: dict[str, Any] | None
+    reference: dict[str, Any] | None
+    gaps: dict[str, Any] | None
     verdict: dict[str, Any] | None
     error: dict[str, Any] | None
     worker: str | None
     attempts: int
+    cancel_requested: bool
+    fallback_of: str | None
     queued_at: str
     started_at: str | None
     heartbeat_at: str | None
@@ -102,7 +183,7 @@ class DatasetCreate(_Strict):
     """Body of `POST /v1/datasets`."""
 
     name: Name
-    kind: Annotated[str, StringConstraints(min_length=1, max_length=40)]
+    kind: DatasetKind
     uri: Annotated[str, StringConstraints(max_length=4000)] = ""
     options: dict[str, Any] = Field(default_factory=dict)
 
@@ -111,10 +192,14 @@ class DatasetPublic(_Open):
     """A dataset."""
 
     name: str
-    kind: str
+    kind: DatasetKind
+    uri: str
+    options: dict[str, Any]
     num_samples: int
     num_classes: int
     splits: dict[str, int]
+    input_shape: list[int]
+    fingerprint: str
     created_at: str
 
 
@@ -143,23 +228,53 @@ class SampleList(BaseModel):
 class Recipe(_Strict):
     """How a model is (re)trained from scratch."""
 
-    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    optimizer: Optimizer = "sgd"
     lr: float = Field(default=0.05, gt=0, le=10)
     epochs: int = Field(default=8, ge=1, le=1000)
     batch_size: int = Field(default=64, ge=1, le=65536)
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
 
 
+_Threshold = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+class Policy(_Strict):
+    """A model's verification policy: the thresholds a job's metrics must meet to publish
+    (null switches a check off; omitted keys keep their defaults) and the fallback method."""
+
+    max_acc_test_drop: _Threshold | None = None
+    max_acc_forget: _Threshold | None = None
+    max_gap: _Threshold | None = None
+    max_avg_gap: _Threshold | None = None
+    min_acc_test: _Threshold | None = None
+    fallback_method: MethodName | None = None
+
+
 class ModelCreate(_Strict):
-    """Body of `POST /v1/models` (JSON, `init: "train"`; or the `metadata` part of an upload)."""
+    """What registering a model names: the JSON body's members or the upload's `metadata`."""
 
     name: Name
     dataset: Name
-    architecture: Annotated[str, StringConstraints(min_length=1, max_length=60)]
+    architecture: Architecture
     num_classes: int = Field(ge=2, le=100000)
     recipe: Recipe = Field(default_factory=Recipe)
-    policy: dict[str, Any] | None = None
-    init: Literal["train", "upload"] | None = None
+    policy: Policy | None = None
+
+    def policy_overrides(self) -> dict[str, Any] | None:
+        """The policy keys the caller set (the rest keep the defaults)."""
+        return None if self.policy is None else self.policy.model_dump(exclude_unset=True)
+
+
+class ModelTrainCreate(ModelCreate):
+    """JSON body of `POST /v1/models`: version 1 comes from a train job (202)."""
+
+    init: Literal["train"]
+
+
+class ModelUploadMetadata(ModelCreate):
+    """The `metadata` part of a multipart `POST /v1/models`: version 1 is the uploaded file."""
+
+    init: Literal["upload"] | None = None
 
 
 class ModelPublic(_Open):
@@ -169,6 +284,7 @@ class ModelPublic(_Open):
     dataset: str | None
     architecture: str
     num_classes: int
+    recipe: dict[str, Any]
     latest_version: int | None
     forgotten_count: int
     pending_requests: int
@@ -186,6 +302,7 @@ class ModelList(BaseModel):
 class VersionPublic(_Open):
     """A published model version."""
 
+    model: str
     version: int
     parent: int | None
     sha256: str
@@ -281,3 +398,15 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
         (422, "Invalid input; validation errors list every offending field"),
     )
 }
+
+
+def link(method: str, path: str, description: str, **parameters: str) -> dict[str, Any]:
+    """An OpenAPI link to the operation `method path`, its parameters given as runtime
+    expressions (`$response.body#/id`) or constants; clients and fuzzers follow these from
+    one resource to the next."""
+    pointer = path.replace("~", "~0").replace("/", "~1")
+    return {
+        "operationRef": f"#/paths/{pointer}/{method.lower()}",
+        "description": description,
+        "parameters": parameters,
+    }

@@ -22,6 +22,7 @@ from app.db.types import utcnow
 from app.errors import (
     DuplicateSampleIds,
     InvalidInput,
+    InvalidMethodOptions,
     ModelNotFound,
     NotCancellable,
     PayloadTooLarge,
@@ -44,9 +45,9 @@ from app.services.common import (
     table_of,
 )
 from app.services.jobs import cancel_in_transaction, create_job, job_queued_event
-from app.services.policy import METHOD_NAMES
 from app.services.views import request_public
 from app.settings import Settings
+from engine import catalog
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ def submit_deletion_request(
     idempotency_key: str | None = None,
 ) -> Submitted:
     """Validate and accept a deletion request (see the module docstring for the rules)."""
-    method = method or "feature_constraint"
+    method = method or catalog.DEFAULT_METHOD
     body = {
         "model": model,
         "sample_ids": sample_ids,
@@ -152,8 +153,7 @@ def _create(
         seen: set[str] = set()
         dups = sorted({s for s in sample_ids if s in seen or seen.add(s)})  # type: ignore[func-returns-value]
         raise DuplicateSampleIds(dups)
-    if method not in METHOD_NAMES:
-        raise InvalidInput(f"unknown method {method!r}", field="method", known=list(METHOD_NAMES))
+    _check_method(method, method_options)
     if verify not in ("standard", "retrain"):
         raise InvalidInput("verify must be 'standard' or 'retrain'", field="verify")
     if callback_url is not None:
@@ -240,6 +240,20 @@ def _create(
         idempotency.finish(claim, 202, resource, req.id)
     session.commit()
     return Submitted(202, resource, enqueue)
+
+
+def _check_method(method: str, options: dict[str, Any]) -> None:
+    """Refuse an unknown method, or options its catalog entry does not admit (each named)."""
+    if method not in catalog.METHODS:
+        raise InvalidInput(
+            f"unknown method {method!r}", field="method", known=list(catalog.METHOD_NAMES)
+        )
+    problems = catalog.check_method_options(method, options)
+    if problems:
+        raise InvalidMethodOptions(
+            method,
+            [(p.option, p.message, "method_option_rule" if p.rule else "method_option") for p in problems],
+        )
 
 
 def _columns(row: DeletionRequest) -> dict[str, Any]:

@@ -17,18 +17,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from engine.catalog import METHOD_NAMES
+
 GAP_METRICS = ("acc_forget", "acc_retain", "acc_test", "mia_forget")
-METHOD_NAMES = (
-    "feature_constraint",
-    "retrain",
-    "finetune",
-    "neggrad_plus",
-    "bad_teacher",
-    "scrub",
-    "unsir",
-    "ssd",
-)
-DEFAULT_METHOD = "feature_constraint"
 DEFAULT_POLICY: dict[str, Any] = {
     "max_acc_test_drop": 0.05,
     "max_acc_forget": None,

@@ -32,14 +32,14 @@ def _claim(dep: Any, job_id: str, worker: str = "w1", timeout: float = 60) -> An
 def test_claim_builds_the_ticket_and_starts_requests(deployment: Any) -> None:
     deployment.upload_model("m")
     train, _ = deployment.ids()
-    sub = deployment.submit("m", train[:4], method_options={"epochs": 2})
+    sub = deployment.submit("m", train[:4], method_options={"max_epochs": 2.0})
     ticket = _claim(deployment, sub.enqueue_job_id)
     assert ticket.kind == "unlearn" and ticket.model_name == "m" and ticket.arch == "small_cnn"
     assert ticket.num_classes == 4 and ticket.dataset_kind == "npz"
     assert ticket.dataset_uri == str(deployment.dataset_path)
     assert ticket.base_version == 1 and ticket.attempt == 1
     assert ticket.base_checkpoint and ticket.base_checkpoint.endswith(".safetensors")
-    assert ticket.recipe["epochs"] == 2 and ticket.method_options == {"epochs": 2}
+    assert ticket.recipe["epochs"] == 2 and ticket.method_options == {"max_epochs": 2.0}
     assert ticket.verify == "standard" and isinstance(ticket.teacher_seed, int)
     with deployment.sessions() as s:
         job = jobs.get_job(s, ticket.job_id)

@@ -47,17 +47,18 @@ def _refs(node: Any) -> Iterator[str]:
 
 
 def test_every_ref_resolves(document: dict[str, Any]) -> None:
-    # `POST /v1/models` referred to `ModelCreate` (and it to `Recipe`) without either in
-    # components, so clients and fuzzers could not see the JSON registration body.
+    # `POST /v1/models` referred to its body schemas (and they to `Recipe`) without them in
+    # components, so clients and fuzzers could not see the registration bodies.
     schemas = document["components"]["schemas"]
     refs = set(_refs(document))
-    assert "#/components/schemas/ModelCreate" in refs
+    assert {"#/components/schemas/ModelTrainCreate", "#/components/schemas/ModelUploadMetadata"} <= refs
     for ref in refs:
         assert ref.startswith("#/components/schemas/"), ref
         assert ref.rsplit("/", 1)[1] in schemas, ref
     body = document["paths"]["/v1/models"]["post"]["requestBody"]["content"]
     assert set(body) == {"application/json", "multipart/form-data"}
-    assert schemas["ModelCreate"]["properties"]["recipe"] == {"$ref": "#/components/schemas/Recipe"}
+    for name in ("ModelTrainCreate", "ModelUploadMetadata"):
+        assert schemas[name]["properties"]["recipe"] == {"$ref": "#/components/schemas/Recipe"}
 
 
 def test_errors_are_declared_as_problem_json_only(document: dict[str, Any]) -> None:
