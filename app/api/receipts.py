@@ -22,7 +22,7 @@ from app.services.apikeys import Principal
 router = APIRouter(tags=["receipts"])
 
 _RECEIPT_ERRORS: dict[int | str, dict[str, Any]] = {
-    **{code: PROBLEM_RESPONSES[code] for code in (401, 403, 404)},
+    **{code: PROBLEM_RESPONSES[code] for code in (401, 403, 404, 422)},
     409: problem_response(
         "`receipt_not_ready`: the request has not reached a final status; "
         "`receipt_unavailable`: it was cancelled, or named only already-forgotten IDs, so no job ran"

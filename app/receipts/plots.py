@@ -2,7 +2,7 @@
 
 Each function takes the evidence it plots and returns a `Plot`: the SVG markup, or, when the
 data is missing or unusable, no SVG and the sentence that says why. Text is drawn as paths,
-so a page needs no fonts; the SVG ids are salted per plot so several figures can share one
+so a page needs no fonts; the SVG ids are prefixed per plot so several figures can share one
 HTML page, and the output is deterministic for the same input.
 """
 
@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 
 _LOCK = threading.Lock()  # rcParams are process-global; render one figure at a time
 _PROLOGUE = re.compile(r"^.*?(?=<svg)", re.S)
+_IDS = re.compile(r'((?:\bid="|href="#|url\(#))([^")]+)')
 COLORS = {"original": "#9a3412", "unlearned": "#1d4ed8", "reference": "#6b7280", "control": "#047857"}
 
 
@@ -46,6 +47,8 @@ def _render(key: str, fig: Figure, label: str) -> str:
     with _LOCK, matplotlib.rc_context({"svg.fonttype": "path", "svg.hashsalt": f"lethe-{key}"}):
         FigureCanvasSVG(fig).print_svg(buf, metadata={"Date": None, "Creator": None})  # type: ignore[no-untyped-call]
     svg = _PROLOGUE.sub("", buf.getvalue(), count=1)
+    # Ids unique across the page: every figure defines its own glyphs, clips and patches.
+    svg = _IDS.sub(lambda m: f'{m.group(1)}{key}-{m.group(2)}', svg)
     return svg.replace("<svg ", f'<svg role="img" aria-label="{label}" class="plot" ', 1)
 
 
@@ -104,10 +107,11 @@ def per_class_accuracy(data: Any) -> Plot:
     ax.bar([x - 0.2 for x in xs], before, width=0.4, color=COLORS["original"], label="before (base version)")
     ax.bar([x + 0.2 for x in xs], after, width=0.4, color=COLORS["unlearned"], label="after (result)")
     ax.set_xticks(list(xs), labels, fontsize=7 if len(classes) > 12 else 8)
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.22)
+    ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     ax.set_ylabel("accuracy")
     ax.set_xlabel("class")
-    ax.legend(frameon=False, fontsize=8, loc="lower right")
+    ax.legend(frameon=False, fontsize=8, loc="upper center", ncol=2)
     return Plot(key, title, _render(key, fig, title))
 
 

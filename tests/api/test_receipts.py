@@ -203,7 +203,9 @@ def test_receipt_holds_the_evidence_and_verifies_offline(api: tuple[TestClient, 
         issued = s.scalars(select(AuditEvent.data).where(AuditEvent.action == "receipt.issued")).all()
     assert receipt["versions"] == {"base": {"version": 1, "sha256": shas[1]},
                                    "result": {"version": 2, "sha256": shas[2]}}
-    assert receipt["audit"] == {"event": "model.version.published", "seq": published.seq, "hash": published.hash}
+    assert receipt["audit"] == {
+        "event": "model.version.published", "seq": published.seq, "hash": published.hash
+    }
     assert len(issued) == 1 and json.loads(issued[0])["sha256"] == hashlib.sha256(body).hexdigest()
     job = receipt["job"]
     assert job["id"] == job_id and job["method"] == "feature_constraint" and job["device"] == "cpu"
