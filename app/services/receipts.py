@@ -197,11 +197,13 @@ def _eligible(session: Session, request_id: str) -> tuple[DeletionRequest, str]:
             status_now=req.status,
         )
     if req.status == RequestStatus.CANCELLED or req.job_id is None:
-        cancelled = req.status == RequestStatus.CANCELLED
-        why = "it was cancelled" if cancelled else "every ID was already forgotten"
+        why = {
+            RequestStatus.CANCELLED: " (it was cancelled)",
+            RequestStatus.SUCCEEDED: " (every ID was already forgotten)",
+        }.get(RequestStatus(req.status), "")
         session.rollback()
         raise ReceiptUnavailable(
-            f"request {request_id} is {req.status} and no job ran for it ({why})", status_now=req.status
+            f"request {request_id} is {req.status} and no job ran for it{why}", status_now=req.status
         )
     return req, str(model)
 

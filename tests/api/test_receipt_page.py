@@ -22,6 +22,7 @@ import pytest
 import uvicorn
 from sqlalchemy import update
 
+from app.cli import main as cli_main
 from app.db.models import Job
 from app.main import create_app
 from app.services import jobs
@@ -84,6 +85,8 @@ def _finish(dep: Any, ids: list[str], checkpoint: bytes, **values: Any) -> str:
     with dep.sessions() as s:
         assert jobs.claim_job(s, job_id, "w1", heartbeat_timeout_s=60) is not None
     assert dep.complete(job_id, checkpoint).published
+    if not values:
+        return str(sub.body["id"])
     with dep.sessions() as s:
         s.execute(update(Job).where(Job.id == job_id).values(**values))
         s.commit()
@@ -111,6 +114,25 @@ def live(sqlite_deployment: Any) -> Iterator[tuple[str, Any]]:
         server.should_exit = True
         thread.join(15)
         sock.close()
+
+
+def test_cli_fetches_a_receipt_and_verifies_it_against_the_served_keys(
+    live: tuple[str, Any], make_checkpoint: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base, dep = live
+    dep.upload_model("m")
+    train, _ = dep.ids()
+    request_id = _finish(dep, train[:4], make_checkpoint(seed=2))
+    out = tmp_path / "receipt.json"
+    common = ["--url", base, "--api-key", dep.admin_key]
+    assert cli_main([*common, "receipt", "get", request_id, "-o", str(out)]) == 0
+    assert cli_main([*common, "receipt", "verify", str(out)]) == 0  # keys fetched from --url
+    assert cli_main(["receipt", "verify", str(out), "--keys", f"{base}/v1/receipts/keys"]) == 0
+    assert capsys.readouterr().out.count(f"receipt OK: request {request_id}") == 2
+    assert cli_main(["receipt", "verify", str(out), "--keys", f"{base}/v1/nowhere"]) == 1
+    page = tmp_path / "receipt.html"
+    assert cli_main([*common, "receipt", "get", request_id, "--html", "-o", str(page)]) == 0
+    assert page.read_text().startswith("<!DOCTYPE html>")
 
 
 def test_receipt_page_renders_in_headless_chromium(
