@@ -8,6 +8,8 @@
     lethe status [REQUEST_ID] [--job JOB_ID]
     lethe download --model M [--version N] [-o PATH]
     lethe audit verify
+    lethe receipt verify FILE [--keys URL|FILE]   check a signed receipt offline
+    lethe receipt get REQUEST_ID [--html] [-o FILE] | rotate-key
     lethe bench ...                  the engine's benchmark (`engine.bench.main`)
 
 Commands that act on a running service go over HTTP through `app.client.LetheClient`
@@ -607,6 +609,70 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 1
 
 
+def _receipt_keys(source: str, timeout: float) -> Any:
+    """The key listing from a saved `/v1/receipts/keys` file, or fetched from a URL."""
+    import httpx
+
+    if source.startswith(("http://", "https://")):
+        try:
+            response = httpx.get(source, timeout=timeout, headers={"Accept": "application/json"})
+        except httpx.TransportError as exc:
+            raise CLIError(f"cannot fetch the keys from {source}: {exc}") from None
+        if response.status_code != 200:
+            raise CLIError(f"{source} answered {response.status_code}")
+        return response.json()
+    try:
+        return json.loads(Path(source).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CLIError(f"cannot read the keys from {source}: {exc}") from None
+
+
+def cmd_receipt(args: argparse.Namespace) -> int:
+    """`receipt verify` (offline), `receipt get` (over HTTP), `receipt rotate-key` (development)."""
+    if args.receipt_cmd == "rotate-key":
+        from app.errors import Unavailable
+        from app.receipts.keys import rotate_development_key
+        from app.services.receipts import active_signing_key
+
+        try:
+            rotate_development_key(_settings())
+            with _session() as session:
+                key = active_signing_key(session, _settings())
+        except Unavailable as exc:
+            raise CLIError(exc.detail) from None
+        print(f"new receipt signing key {key.kid}; older public keys stay published")
+        return 0
+    if args.receipt_cmd == "get":
+        suffix = "receipt.html" if args.html else "receipt"
+        with _client(args) as client:
+            response = client._request("GET", f"/v1/deletion-requests/{args.request_id}/{suffix}")
+        if args.output:
+            Path(args.output).write_bytes(response.content)
+            print(f"{args.output}  {len(response.content)} bytes")
+        else:
+            sys.stdout.write(response.text + ("" if args.html else "\n"))
+        return 0
+
+    from app.receipts.signing import public_keys_from, verify_bytes
+
+    try:
+        data = Path(args.file).read_bytes()
+    except OSError as exc:
+        raise CLIError(f"cannot read {args.file}: {exc.strerror}") from None
+    source = args.keys or f"{args.url.rstrip('/')}/v1/receipts/keys"
+    result = verify_bytes(data, public_keys_from(_receipt_keys(source, args.timeout)))
+    if not result.ok:
+        print(f"receipt INVALID: {result.reason}", file=sys.stderr)
+        return 1
+    receipt = json.loads(data)
+    request, verdict = receipt.get("request") or {}, receipt.get("verdict") or {}
+    print(
+        f"receipt OK: request {request.get('id')} on model {(receipt.get('model') or {}).get('name')}, "
+        f"verdict {verdict.get('status')}, signed by key {result.kid} (Ed25519)"
+    )
+    return 0
+
+
 def cmd_bench(argv: Sequence[str]) -> int:
     """Forward to the engine's benchmark."""
     from engine.bench import main as bench_main
@@ -717,6 +783,23 @@ def build_parser() -> argparse.ArgumentParser:
     asub = a.add_subparsers(dest="audit_cmd", required=True)
     asub.add_parser("verify")
     a.set_defaults(func=cmd_audit)
+
+    r = sub.add_parser("receipt", help="deletion receipts: verify offline, fetch, rotate the key")
+    rsub = r.add_subparsers(dest="receipt_cmd", required=True)
+    rv = rsub.add_parser("verify", help="check a receipt's signature offline")
+    rv.add_argument("file", help="the receipt JSON")
+    rv.add_argument(
+        "--keys",
+        metavar="URL|FILE",
+        help="the public keys: a file saved from /v1/receipts/keys, or its URL "
+        "(default: <--url>/v1/receipts/keys)",
+    )
+    rg = rsub.add_parser("get", help="fetch a request's receipt")
+    rg.add_argument("request_id")
+    rg.add_argument("--html", action="store_true", help="the printable page instead of the JSON")
+    rg.add_argument("-o", "--output", default=None, help="write to this file")
+    rsub.add_parser("rotate-key", help="development: sign new receipts with a new key (database)")
+    r.set_defaults(func=cmd_receipt)
 
     sub.add_parser("bench", help="the engine benchmark (arguments forwarded)", add_help=False)
     return p

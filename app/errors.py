@@ -23,7 +23,9 @@
     │   ├── AlreadyExists               409 already_exists
     │   ├── NotCancellable              409 not_cancellable
     │   ├── IdempotencyInFlight         409 idempotency_in_flight
-    │   └── StaleAttempt                409 stale_attempt          (a worker lost its claim)
+    │   ├── StaleAttempt                409 stale_attempt          (a worker lost its claim)
+    │   ├── ReceiptNotReady             409 receipt_not_ready      (the request is not final yet)
+    │   └── ReceiptUnavailable          409 receipt_unavailable    (final, but no job ran for it)
     ├── PreconditionFailed              412 precondition_failed
     ├── PayloadTooLarge                 413 payload_too_large
     ├── RangeNotSatisfiable             416 range_not_satisfiable
@@ -190,6 +192,14 @@ class IdempotencyInFlight(Conflict):
 
 class StaleAttempt(Conflict):
     code, title = "stale_attempt", "The job was claimed again by another attempt"
+
+
+class ReceiptNotReady(Conflict):
+    code, title = "receipt_not_ready", "The request has not reached a final status yet"
+
+
+class ReceiptUnavailable(Conflict):
+    code, title = "receipt_unavailable", "No job ran for this request, so there is no receipt"
 
 
 class PreconditionFailed(LetheError):

@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from pydantic.json_schema import models_json_schema
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api import audit, datasets, deletions, jobs, models, ops
+from app.api import audit, datasets, deletions, jobs, models, ops, receipts
 from app.api.schemas import (
     CALLBACK_PATTERN_DEVELOPMENT,
     CALLBACK_PATTERN_HTTPS,
@@ -175,6 +175,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         BodyLimit, max_body=settings.max_body_bytes, max_upload=settings.max_checkpoint_bytes
     )
-    for module in (deletions, jobs, datasets, models, audit, ops):
+    for module in (deletions, receipts, jobs, datasets, models, audit, ops):
         app.include_router(module.router)
     return app

@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     callback_timeout_s: float = 10.0
     callback_max_age_s: float = 24 * 3600.0
 
+    # Receipts: the Ed25519 private key (PKCS#8 PEM) that signs them. Required outside
+    # development; in development a key is generated on first use under `var_dir`.
+    receipt_signing_key_file: Path | None = None
+
     # Limits.
     max_ids_per_request: int = 100_000
     max_body_bytes: int = 32 * 1024 * 1024  # 100,000 IDs of up to 200 characters

@@ -201,6 +201,10 @@ class Job(Base):
     gaps: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     verdict: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # Per-sample forgetting evidence of an unlearning job and its step history (loss and
+    # balance-weight curves); receipts and their page are built from them.
+    evidence: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    history: Mapped[list[Any] | None] = mapped_column(JSON)
     worker: Mapped[str | None] = mapped_column(String(200))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -296,3 +300,26 @@ class CallbackDelivery(Base):
     created_at: Mapped[datetime]
     delivered_at: Mapped[datetime | None]
     __table_args__ = (Index(None, "status", "next_attempt_at"),)
+
+
+class ReceiptKey(Base):
+    """A public key receipts are signed with; kept after rotation so old receipts verify."""
+
+    __tablename__ = "receipt_keys"
+    kid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    alg: Mapped[str] = mapped_column(String(16))
+    public_key: Mapped[str] = mapped_column(String(64))
+    active: Mapped[bool] = mapped_column(Boolean)
+    created_at: Mapped[datetime]
+    retired_at: Mapped[datetime | None]
+
+
+class Receipt(Base):
+    """The signed receipt of a finished deletion request, stored once so its bytes never change."""
+
+    __tablename__ = "receipts"
+    request_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    kid: Mapped[str] = mapped_column(String(64))
+    body: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime]
