@@ -222,7 +222,7 @@ def test_stale_running_job_is_swept(deployment: Any, redis_url: str) -> None:
     from app.services import jobs
 
     with deployment.sessions() as s:
-        jobs.claim_job(s, sub.enqueue_job_id, "dead-worker", heartbeat_timeout_s=60)
+        jobs.claim_job(s, sub.enqueue_job_id, "dead-worker", store=deployment.store, heartbeat_timeout_s=60)
         s.execute(
             update(Job).values(
                 heartbeat_at=utcnow() - timedelta(seconds=3600),
