@@ -5,7 +5,8 @@ commit when it ends normally (a `return` inside it included) and are rolled back
 raises, and the error goes on. Reads are wrapped in `read_only(session)`, which always rolls
 back at the end: that ends the snapshot and, on SQLite (where every transaction holds the
 write lock), lets the next writer in. Services call neither `commit()` nor `rollback()`
-themselves.
+themselves, with two documented exceptions: `apikeys.authenticate` ends its read on SQLite
+only, and `idempotency` rolls back the INSERT that found its key taken before reading it.
 """
 
 from __future__ import annotations
