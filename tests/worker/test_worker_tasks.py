@@ -213,8 +213,8 @@ def test_failed_verdict_enqueues_the_fallback_job(world: World) -> None:
 def test_celery_task_is_registered_late_acked_and_runs_the_job(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from app.queue import RUN_JOB
     from app.settings import get_settings
-    from worker.celery_app import RUN_JOB
     from worker.main import build_worker_app, worker_argv
 
     monkeypatch.setenv("LETHE_VAR_DIR", str(world.settings.var_dir))
