@@ -201,7 +201,7 @@ def _create_key(name: str, scopes: Sequence[str]) -> tuple[Any, str]:
     from app.services.apikeys import create_api_key
 
     with _session() as session:
-        created = create_api_key(session, name, list(scopes))
+        created = create_api_key(session, name, list(scopes), settings=_settings())
     return created, created.key
 
 

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from worker.celery_app import QUEUE, RUN_JOB, create_celery
+from app.queue import QUEUE, RUN_JOB, create_celery
 
 if TYPE_CHECKING:
     from celery import Celery

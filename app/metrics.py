@@ -15,6 +15,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import Job
+from app.services.transactions import read_only
+from app.vocab import FINAL_JOB_STATUSES, JobStatus
 
 
 class JobCollector(Collector):
@@ -25,7 +27,7 @@ class JobCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         try:
-            with self.sessions() as s:
+            with self.sessions() as s, read_only(s):
                 by_status = s.execute(
                     select(Job.kind, Job.status, func.count()).group_by(Job.kind, Job.status)
                 ).all()
@@ -34,20 +36,19 @@ class JobCollector(Collector):
                     .where(Job.seconds.is_not(None))
                     .group_by(Job.kind, Job.status)
                 ).all()
-                s.rollback()
         except Exception:
             return
         depth = GaugeMetricFamily("lethe_queue_depth", "Jobs waiting to run", labels=[])
-        depth.add_metric([], sum(n for _, st, n in by_status if st == "queued"))
+        depth.add_metric([], sum(n for _, st, n in by_status if st == JobStatus.QUEUED))
         yield depth
         running = GaugeMetricFamily("lethe_jobs_running", "Jobs running now", labels=[])
-        running.add_metric([], sum(n for _, st, n in by_status if st == "running"))
+        running.add_metric([], sum(n for _, st, n in by_status if st == JobStatus.RUNNING))
         yield running
         outcomes = CounterMetricFamily(
             "lethe_job_outcomes", "Finished jobs by kind and outcome", labels=["kind", "outcome"]
         )
         for kind, st, n in by_status:
-            if st in ("succeeded", "failed", "cancelled"):
+            if st in FINAL_JOB_STATUSES:
                 outcomes.add_metric([kind, st], n)
         yield outcomes
         dur = SummaryMetricFamily(

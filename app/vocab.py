@@ -43,6 +43,12 @@ FINAL_REQUEST_STATUSES = frozenset(
     {RequestStatus.SUCCEEDED, RequestStatus.FAILED, RequestStatus.CANCELLED}
 )
 FINAL_JOB_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+#: A request that still waits for its job (it may still change, be cancelled or be coalesced).
+OPEN_REQUEST_STATUSES = frozenset(
+    {RequestStatus.ACCEPTED, RequestStatus.QUEUED, RequestStatus.RUNNING}
+)
+#: A job that holds its place in the model's line (later jobs of the model wait for it).
+ACTIVE_JOB_STATUSES = frozenset({JobStatus.QUEUED, JobStatus.RUNNING})
 
 
 class JobKind(StrEnum):

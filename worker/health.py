@@ -16,8 +16,9 @@ import socket
 import sys
 from datetime import UTC, datetime
 
+from app.queue import create_celery
 from app.settings import Settings, get_settings
-from worker.celery_app import create_celery
+from app.vocab import JobStatus
 
 
 def _suffix() -> str:
@@ -38,7 +39,7 @@ def busy_with_fresh_heartbeat(settings: Settings) -> bool:
     engine = create_db_engine(settings.database_url)
     try:
         with create_session_factory(engine)() as session:
-            running = list_jobs(session, status="running", limit=100).items
+            running = list_jobs(session, status=JobStatus.RUNNING, limit=100).items
     finally:
         engine.dispose()
     now = datetime.now(UTC)

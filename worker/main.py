@@ -24,11 +24,10 @@ from collections.abc import Sequence
 
 from celery import Celery
 
+from app.queue import QUEUE, create_celery
 from app.settings import Settings, get_settings
 from models_store import Store
-from worker.celery_app import create_celery
 
-QUEUE = "gpu"
 #: How often the embedded worker polls the SQL broker's message table.
 SQL_POLL_INTERVAL_S = 0.25
 

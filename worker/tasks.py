@@ -47,11 +47,12 @@ from celery import shared_task
 from celery.signals import worker_shutting_down
 
 from app.errors import StaleAttempt
+from app.queue import QUEUE, RUN_JOB
 from app.services import jobs as job_service
 from app.settings import Settings, get_settings
+from app.vocab import JobKind, JobPhase, JobStatus
 from engine.errors import Cancelled, InvalidInput
 from models_store import Store
-from worker.celery_app import QUEUE, RUN_JOB
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -128,7 +129,7 @@ class _JobReporter:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_write = 0.0
-        self._phase = "loading"
+        self._phase: str = JobPhase.LOADING
         self._phase_started = time.monotonic()
         self._step = 0
         self._total = 0
@@ -269,7 +270,7 @@ def _execute(ticket: job_service.JobTicket, reporter: _JobReporter) -> JobOutput
         ),
         recipe=Recipe.from_dict(dict(ticket.recipe)),
     )
-    if ticket.kind == "train" or ticket.base_checkpoint is None:
+    if ticket.kind == JobKind.TRAIN or ticket.base_checkpoint is None:
         return run_train(
             spec,
             exclude_ids=list(ticket.forgotten_ids),
@@ -343,7 +344,7 @@ def run_job(
             output = _execute(ticket, reporter)
             if reporter.lost_claim:
                 raise _LostClaim
-            reporter.set_phase("publishing")
+            reporter.set_phase(JobPhase.PUBLISHING)
             if reporter.lost_claim:
                 raise _LostClaim
             with sessions() as session:
@@ -377,13 +378,13 @@ def run_job(
             follow_ups = job_service.mark_cancelled(session, job_id)
         log.info("job %s cancelled", job_id)
         _enqueue(sessions, enqueue, follow_ups)
-        return JobRun(job_id, "cancelled", follow_ups=tuple(follow_ups))
+        return JobRun(job_id, JobStatus.CANCELLED, follow_ups=tuple(follow_ups))
     except InvalidInput as exc:
         log.info("job %s refused by the engine: %s", job_id, exc)
         follow_ups = _fail(sessions, job_id, error=_error_text(exc), code=exc.code,
                            attempt=ticket.attempt, worker=worker)
         _enqueue(sessions, enqueue, follow_ups)
-        return JobRun(job_id, "failed", exc.code, tuple(follow_ups))
+        return JobRun(job_id, JobStatus.FAILED, exc.code, tuple(follow_ups))
     except Exception as exc:
         if SHUTDOWN.is_set():
             # Celery's cold shutdown can raise into the running task (the solo pool cannot
@@ -395,14 +396,14 @@ def run_job(
         follow_ups = _fail(sessions, job_id, error=_error_text(exc), code=code,
                            attempt=ticket.attempt, worker=worker)
         _enqueue(sessions, enqueue, follow_ups)
-        return JobRun(job_id, "failed", code, tuple(follow_ups))
+        return JobRun(job_id, JobStatus.FAILED, code, tuple(follow_ups))
 
     follow_ups = list(result.enqueue)
     _enqueue(sessions, enqueue, follow_ups)
     log.info("job %s finished: verdict %s, version %s", job_id, result.verdict, result.version)
     return JobRun(
         job_id,
-        "succeeded" if result.published else "failed",
+        JobStatus.SUCCEEDED if result.published else JobStatus.FAILED,
         result.verdict,
         tuple(follow_ups),
     )

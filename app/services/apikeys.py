@@ -25,17 +25,11 @@ from app.db.types import rfc3339, utcnow
 from app.errors import AlreadyExists, InvalidInput, NotFound
 from app.services.audit import append_event
 from app.services.common import is_postgres, new_id
-from app.settings import Settings, get_settings
+from app.services.transactions import read_only, unit_of_work
+from app.settings import Settings
+from app.vocab import Scope
 
-SCOPES = (
-    "deletions:write",
-    "deletions:read",
-    "models:read",
-    "models:download",
-    "models:write",
-    "audit:read",
-    "admin",
-)
+SCOPES = tuple(Scope)
 KEY_PREFIX = "lethe_"
 
 
@@ -49,7 +43,7 @@ class Principal:
 
     def allows(self, scope: str) -> bool:
         """`admin` holds every scope."""
-        return "admin" in self.scopes or scope in self.scopes
+        return Scope.ADMIN in self.scopes or scope in self.scopes
 
 
 @dataclass(frozen=True)
@@ -88,10 +82,9 @@ def create_api_key(
     scopes: Iterable[str],
     *,
     actor: str = "cli",
-    settings: Settings | None = None,
+    settings: Settings,
 ) -> CreatedKey:
-    """Create a key and return it in plain text, once."""
-    settings = settings or get_settings()
+    """Create a key and return it in plain text, once (`settings` sign its webhook secret)."""
     chosen = _scopes(scopes)
     if not name or len(name) > 100:
         raise InvalidInput("name must be 1..100 characters")
@@ -104,47 +97,45 @@ def create_api_key(
         scopes=",".join(chosen),
         created_at=utcnow(),
     )
-    session.add(row)
-    try:
-        session.flush()
-    except IntegrityError:
-        session.rollback()
-        raise AlreadyExists(f"an API key named {name!r} exists") from None
-    append_event(
-        session,
-        actor=actor,
-        action="apikey.created",
-        subject=f"apikey:{row.id}",
-        data={"name": name, "scopes": chosen, "prefix": row.prefix},
-    )
-    session.commit()
+    with unit_of_work(session):
+        session.add(row)
+        try:
+            session.flush()
+        except IntegrityError:
+            raise AlreadyExists(f"an API key named {name!r} exists") from None
+        append_event(
+            session,
+            actor=actor,
+            action="apikey.created",
+            subject=f"apikey:{row.id}",
+            data={"name": name, "scopes": chosen, "prefix": row.prefix},
+        )
     secret = "whsec_" + base64.b64encode(webhook_secret(settings, row.id)).decode()
     return CreatedKey(row.id, name, chosen, key, secret)
 
 
-def create_admin_key(
-    session: Session, name: str = "admin", *, settings: Settings | None = None
-) -> CreatedKey:
+def create_admin_key(session: Session, name: str = "admin", *, settings: Settings) -> CreatedKey:
     """Create a key with the `admin` scope (first start, CLI)."""
-    return create_api_key(session, name, ["admin"], settings=settings)
+    return create_api_key(session, name, [Scope.ADMIN], settings=settings)
 
 
 def revoke_api_key(session: Session, name_or_id: str, *, actor: str = "cli") -> dict[str, Any]:
     """Revoke a key by name or id; later requests with it get 401."""
-    row = session.scalar(select(ApiKey).where((ApiKey.name == name_or_id) | (ApiKey.id == name_or_id)))
-    if row is None:
-        session.rollback()
-        raise NotFound(f"no API key {name_or_id!r}")
-    if row.revoked_at is None:
-        row.revoked_at = utcnow()
-        append_event(
-            session,
-            actor=actor,
-            action="apikey.revoked",
-            subject=f"apikey:{row.id}",
-            data={"name": row.name},
+    with unit_of_work(session):
+        row = session.scalar(
+            select(ApiKey).where((ApiKey.name == name_or_id) | (ApiKey.id == name_or_id))
         )
-    session.commit()
+        if row is None:
+            raise NotFound(f"no API key {name_or_id!r}")
+        if row.revoked_at is None:
+            row.revoked_at = utcnow()
+            append_event(
+                session,
+                actor=actor,
+                action="apikey.revoked",
+                subject=f"apikey:{row.id}",
+                data={"name": row.name},
+            )
     return key_public(row)
 
 
@@ -162,10 +153,9 @@ def key_public(row: ApiKey) -> dict[str, Any]:
 
 def list_api_keys(session: Session) -> list[dict[str, Any]]:
     """Every key, newest first."""
-    rows = session.scalars(select(ApiKey).order_by(ApiKey.created_at.desc())).all()
-    items = [key_public(r) for r in rows]
-    session.rollback()
-    return items
+    with read_only(session):
+        rows = session.scalars(select(ApiKey).order_by(ApiKey.created_at.desc())).all()
+        return [key_public(r) for r in rows]
 
 
 def authenticate(session: Session, presented: str) -> Principal | None:

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from app.db.models import AuditEvent
 from app.db.types import rfc3339, utcnow
 from app.services.common import Page, canonical_json, decode_cursor, encode_cursor, is_postgres, table_of
+from app.services.transactions import read_only
 
 GENESIS = "0" * 64
 _LOCK_KEY = 0x4C45544845  # "LETHE"
@@ -161,32 +162,34 @@ def verify_chain(session: Session) -> ChainReport:
     head_seq: int | None = None
     head_hash: str | None = None
     stmt = select(AuditEvent).order_by(AuditEvent.seq).execution_options(yield_per=2000)
-    for e in session.scalars(stmt):
-        checked += 1
-        head_seq, head_hash = e.seq, e.hash
-        if first_bad is not None:
-            continue
-        try:
-            data = json.loads(e.data)
-        except json.JSONDecodeError:
-            first_bad = e.seq
-            continue
-        expected = event_hash(
-            seq=e.seq,
-            at=e.at,
-            actor=e.actor,
-            action=e.action,
-            subject=e.subject,
-            model=e.model,
-            request_id=e.request_id,
-            data=data,
-            prev_hash=e.prev_hash,
-        )
-        if e.seq != prev_seq + 1 or e.prev_hash != prev_hash or e.hash != expected:
-            first_bad = e.seq
-        prev_hash, prev_seq = e.hash, e.seq
-    session.rollback()
+    with read_only(session):
+        for e in session.scalars(stmt):
+            checked += 1
+            head_seq, head_hash = e.seq, e.hash
+            if first_bad is None and not _fits(e, prev_seq, prev_hash):
+                first_bad = e.seq
+            prev_hash, prev_seq = e.hash, e.seq
     return ChainReport(first_bad is None, checked, head_seq, head_hash, first_bad)
+
+
+def _fits(e: AuditEvent, prev_seq: int, prev_hash: str) -> bool:
+    """True when `e` follows the event (`prev_seq`, `prev_hash`) and carries its own hash."""
+    try:
+        data = json.loads(e.data)
+    except json.JSONDecodeError:
+        return False
+    expected = event_hash(
+        seq=e.seq,
+        at=e.at,
+        actor=e.actor,
+        action=e.action,
+        subject=e.subject,
+        model=e.model,
+        request_id=e.request_id,
+        data=data,
+        prev_hash=e.prev_hash,
+    )
+    return e.seq == prev_seq + 1 and e.prev_hash == prev_hash and e.hash == expected
 
 
 def _filtered(model: str | None, request_id: str | None, action: str | None, since: datetime | None) -> Any:
@@ -219,10 +222,10 @@ def list_events(
     after = decode_cursor(cursor, int)
     if after is not None:
         stmt = stmt.where(AuditEvent.seq > int(after))
-    rows = list(session.scalars(stmt.order_by(AuditEvent.seq).limit(limit + 1)))
-    more = len(rows) > limit
-    items = [event_public(e) for e in rows[:limit]]
-    session.rollback()
+    with read_only(session):
+        rows = list(session.scalars(stmt.order_by(AuditEvent.seq).limit(limit + 1)))
+        more = len(rows) > limit
+        items = [event_public(e) for e in rows[:limit]]
     return Page(items, encode_cursor(items[-1]["seq"]) if more and items else None)
 
 
@@ -238,9 +241,10 @@ def export_events(
     stmt = _filtered(model, request_id, action, since)
     after = 0
     while True:
-        rows = list(session.scalars(stmt.where(AuditEvent.seq > after).order_by(AuditEvent.seq).limit(2000)))
-        lines = [canonical_json(event_public(e)) + "\n" for e in rows]
-        session.rollback()
+        with read_only(session):
+            batch = stmt.where(AuditEvent.seq > after).order_by(AuditEvent.seq).limit(2000)
+            rows = list(session.scalars(batch))
+            lines = [canonical_json(event_public(e)) + "\n" for e in rows]
         if not rows:
             return
         yield from lines

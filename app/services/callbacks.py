@@ -30,12 +30,13 @@ from app.errors import InvalidInput
 from app.services.apikeys import webhook_secret
 from app.services.audit import append_event
 from app.services.common import canonical_json, new_id
+from app.services.transactions import read_only, unit_of_work
 from app.services.views import request_public
 from app.settings import Settings
+from app.vocab import FINAL_REQUEST_STATUSES
 
 log = logging.getLogger(__name__)
 
-FINAL = ("succeeded", "failed", "cancelled")
 BASE_BACKOFF_S = 5.0
 MAX_BACKOFF_S = 3600.0
 LEASE_S = 60.0
@@ -67,7 +68,7 @@ def sign(secret: bytes, msg_id: str, timestamp: int, body: str) -> str:
 
 def enqueue_callback(session: Session, req: DeletionRequest, model_name: str) -> None:
     """Queue the final-status webhook of `req` in the caller's transaction (if it has a URL)."""
-    if not req.callback_url or req.status not in FINAL:
+    if not req.callback_url or req.status not in FINAL_REQUEST_STATUSES:
         return
     now = utcnow()
     session.add(
@@ -99,7 +100,7 @@ def deliver_due(
 ) -> int:
     """Attempt every due delivery once; returns how many were attempted."""
     now = utcnow()
-    with sessions() as session:
+    with sessions() as session, read_only(session):
         due = list(
             session.scalars(
                 select(CallbackDelivery.id)
@@ -109,10 +110,23 @@ def deliver_due(
                 .limit(limit)
             )
         )
-        session.rollback()
     attempted = 0
     for delivery_id in due:
-        with sessions() as session:
+        leased = _lease(sessions, delivery_id)
+        if leased is None:
+            continue
+        attempted += 1
+        url, payload, key_id = leased
+        ok, code, error = _post(client, settings, delivery_id, url, payload, key_id)
+        _record_attempt(sessions, settings, delivery_id, ok=ok, code=code, error=error)
+    return attempted
+
+
+def _lease(sessions: sessionmaker[Session], delivery_id: str) -> tuple[str, str, str | None] | None:
+    """Lease one pending delivery for `LEASE_S` seconds; its URL, payload and API key id, or
+    None when another process holds it (or it is no longer pending)."""
+    with sessions() as session:
+        with unit_of_work(session):
             leased = session.execute(
                 update(CallbackDelivery)
                 .where(CallbackDelivery.id == delivery_id)
@@ -120,35 +134,34 @@ def deliver_due(
                 .where((CallbackDelivery.lease_until.is_(None)) | (CallbackDelivery.lease_until < utcnow()))
                 .values(lease_until=utcnow() + timedelta(seconds=LEASE_S))
             )
-            session.commit()
-            if leased.rowcount != 1:  # type: ignore[attr-defined]
-                continue
+        if leased.rowcount != 1:  # type: ignore[attr-defined]
+            return None
+        with read_only(session):
             row = session.get(CallbackDelivery, delivery_id)
             assert row is not None
-            url, payload, key_id = row.url, row.payload, row.api_key_id
-            session.rollback()
-        attempted += 1
-        ts = int(utcnow().timestamp())
-        secret = webhook_secret(settings, key_id or "")
-        headers = {
-            "content-type": "application/json",
-            "webhook-id": delivery_id,
-            "webhook-timestamp": str(ts),
-            "webhook-signature": sign(secret, delivery_id, ts, payload),
-            "user-agent": "lethe-webhooks/1",
-        }
-        code: int | None = None
-        error: str | None = None
-        try:
-            resp = client.post(url, content=payload, headers=headers)
-            code = resp.status_code
-            ok = 200 <= code < 300
-            if not ok:
-                error = f"HTTP {code}"
-        except httpx.HTTPError as exc:
-            ok, error = False, f"{type(exc).__name__}: {exc}"[:500]
-        _record_attempt(sessions, settings, delivery_id, ok=ok, code=code, error=error)
-    return attempted
+            return row.url, row.payload, row.api_key_id
+
+
+def _post(
+    client: httpx.Client, settings: Settings, delivery_id: str, url: str, payload: str, key_id: str | None
+) -> tuple[bool, int | None, str | None]:
+    """POST one signed delivery; (delivered, HTTP status if any, error if not delivered)."""
+    ts = int(utcnow().timestamp())
+    secret = webhook_secret(settings, key_id or "")
+    headers = {
+        "content-type": "application/json",
+        "webhook-id": delivery_id,
+        "webhook-timestamp": str(ts),
+        "webhook-signature": sign(secret, delivery_id, ts, payload),
+        "user-agent": "lethe-webhooks/1",
+    }
+    try:
+        resp = client.post(url, content=payload, headers=headers)
+    except httpx.HTTPError as exc:
+        return False, None, f"{type(exc).__name__}: {exc}"[:500]
+    code = resp.status_code
+    ok = 200 <= code < 300
+    return ok, code, None if ok else f"HTTP {code}"
 
 
 def _record_attempt(
@@ -160,7 +173,7 @@ def _record_attempt(
     code: int | None,
     error: str | None,
 ) -> None:
-    with sessions() as session:
+    with sessions() as session, unit_of_work(session):
         row = session.get(CallbackDelivery, delivery_id)
         assert row is not None
         now = utcnow()
@@ -195,7 +208,6 @@ def _record_attempt(
             model=None if req is None else _model_name(session, req.model_id),
             data=data,
         )
-        session.commit()
 
 
 def _model_name(session: Session, model_id: int) -> str | None:

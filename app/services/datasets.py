@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from sqlalchemy import func, select, text
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from app.db.models import DatasetRow, Sample
@@ -18,8 +18,9 @@ from app.db.types import rfc3339, utcnow
 from app.errors import AlreadyExists, DatasetNotFound, InvalidInput, to_lethe_error
 from app.services.audit import append_event
 from app.services.common import Page, bulk_insert, decode_cursor, encode_cursor, is_postgres, table_of
+from app.services.transactions import read_only, unit_of_work
 from engine import errors as engine_errors
-from engine.datasets import DatasetSpec, load_dataset
+from engine.datasets import Dataset, DatasetSpec, load_dataset
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
@@ -62,17 +63,44 @@ def register_dataset(
     """Index a dataset and store its samples; 409 if the name is taken."""
     check_name(name, "name")
     options = options or {}
-    if session.scalar(select(DatasetRow.id).where(DatasetRow.name == name)) is not None:
-        session.rollback()
-        raise AlreadyExists(f"dataset {name!r} exists")
-    session.rollback()
+    with read_only(session):
+        if session.scalar(select(DatasetRow.id).where(DatasetRow.name == name)) is not None:
+            raise AlreadyExists(f"dataset {name!r} exists")
+    ds = _load(name, kind, uri, options)
+    with unit_of_work(session):
+        row = _index(session, ds, name=name, kind=kind, uri=uri, options=options, actor=actor)
+        body = dataset_public(row)
+    if is_postgres(session):
+        # Fresh statistics keep ID validation on the primary key instead of a split scan.
+        with unit_of_work(session):
+            session.execute(text("ANALYZE samples"))
+    return body
+
+
+def _load(name: str, kind: str, uri: str, options: dict[str, Any]) -> Dataset:
+    """The dataset through its torch-free adapter; a bad kind, URI or option is the caller's
+    input error."""
     try:
-        ds = load_dataset(DatasetSpec(kind=kind, uri=uri, options=options), name)
+        return load_dataset(DatasetSpec(kind=kind, uri=uri, options=options), name)
     except engine_errors.EngineError as exc:
         raise to_lethe_error(exc) from None
     except (TypeError, ValueError, IndexError, OverflowError, KeyError, OSError) as exc:
         # Adapter options come from the caller; a bad one is their input error, not ours.
         raise InvalidInput(f"cannot load the dataset with these options: {exc}") from None
+
+
+def _index(
+    session: Session,
+    ds: Dataset,
+    *,
+    name: str,
+    kind: str,
+    uri: str,
+    options: dict[str, Any],
+    actor: str,
+) -> DatasetRow:
+    """The dataset row, one `samples` row per sample and the `dataset.registered` event (in
+    the caller's transaction)."""
     sizes = ds.split_sizes()
     c, h, w = ds.input_shape
     row = DatasetRow(
@@ -94,7 +122,6 @@ def register_dataset(
     try:
         session.flush()
     except Exception:
-        session.rollback()
         raise AlreadyExists(f"dataset {name!r} exists") from None
     dataset_id = row.id
     bulk_insert(
@@ -113,13 +140,7 @@ def register_dataset(
         subject=f"dataset:{name}",
         data={"kind": kind, "uri": uri, "num_samples": len(ds), "fingerprint": row.fingerprint},
     )
-    session.commit()
-    body = dataset_public(row)
-    if is_postgres(session):
-        # Fresh statistics keep ID validation on the primary key instead of a split scan.
-        session.execute(text("ANALYZE samples"))
-        session.commit()
-    return body
+    return row
 
 
 def get_dataset_row(session: Session, name: str) -> DatasetRow:
@@ -132,10 +153,8 @@ def get_dataset_row(session: Session, name: str) -> DatasetRow:
 
 def get_dataset(session: Session, name: str) -> dict[str, Any]:
     """One dataset."""
-    try:
+    with read_only(session):
         return dataset_public(get_dataset_row(session, name))
-    finally:
-        session.rollback()
 
 
 def list_datasets(session: Session, *, limit: int, cursor: str | None = None) -> Page[dict[str, Any]]:
@@ -144,10 +163,10 @@ def list_datasets(session: Session, *, limit: int, cursor: str | None = None) ->
     after = decode_cursor(cursor)
     if after is not None:
         stmt = stmt.where(DatasetRow.name > str(after))
-    rows = list(session.scalars(stmt.limit(limit + 1)))
-    more = len(rows) > limit
-    items = [dataset_public(r) for r in rows[:limit]]
-    session.rollback()
+    with read_only(session):
+        rows = list(session.scalars(stmt.limit(limit + 1)))
+        more = len(rows) > limit
+        items = [dataset_public(r) for r in rows[:limit]]
     return Page(items, encode_cursor(items[-1]["name"]) if more else None)
 
 
@@ -161,7 +180,7 @@ def list_samples(
     cursor: str | None = None,
 ) -> Page[dict[str, Any]]:
     """A dataset's samples by ID, optionally of one split and/or label."""
-    try:
+    with read_only(session):
         ds = get_dataset_row(session, name)
         stmt = select(Sample.sample_id, Sample.split, Sample.label).where(Sample.dataset_id == ds.id)
         if split is not None:
@@ -172,14 +191,7 @@ def list_samples(
         if after is not None:
             stmt = stmt.where(Sample.sample_id > str(after))
         rows = session.execute(stmt.order_by(Sample.sample_id).limit(limit + 1)).all()
-    finally:
-        session.rollback()
     more = len(rows) > limit
     rows = rows[:limit]
     items = [{"sample_id": r[0], "split": r[1], "label": r[2]} for r in rows]
     return Page(items, encode_cursor(rows[-1][0]) if more else None)
-
-
-def count_samples(session: Session, dataset_id: int) -> int:
-    """How many samples a dataset indexes."""
-    return int(session.scalar(select(func.count()).where(Sample.dataset_id == dataset_id)) or 0)

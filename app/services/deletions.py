@@ -45,9 +45,14 @@ from app.services.common import (
     table_of,
 )
 from app.services.jobs import cancel_in_transaction, create_job, job_queued_event
+from app.services.transactions import read_only, unit_of_work
 from app.services.views import request_public
 from app.settings import Settings
+from app.vocab import OPEN_REQUEST_STATUSES, JobKind, JobStatus, RequestStatus, Split, VerifyMode
 from engine import catalog
+
+#: A request can be cancelled only while it waits; once its job runs, it runs to its end.
+CANCELLABLE = frozenset({RequestStatus.ACCEPTED, RequestStatus.QUEUED})
 
 
 @dataclass(frozen=True)
@@ -63,9 +68,35 @@ class Submitted:
 def _get_model(session: Session, name: str) -> ModelRow:
     model = session.scalar(select(ModelRow).where(ModelRow.name == name))
     if model is None:
-        session.rollback()
         raise ModelNotFound(f"no model named {name!r}", model=name)
     return model
+
+
+@dataclass(frozen=True)
+class _Intake:
+    """A deletion request as submitted (the method defaulted)."""
+
+    model: str
+    sample_ids: list[str]
+    subject_ref: str | None
+    reason: str | None
+    method: str
+    method_options: dict[str, Any]
+    verify: str
+    callback_url: str | None
+
+    def body(self) -> dict[str, Any]:
+        """The request body an Idempotency-Key is bound to."""
+        return {
+            "model": self.model,
+            "sample_ids": self.sample_ids,
+            "subject_ref": self.subject_ref,
+            "reason": self.reason,
+            "method": self.method,
+            "method_options": self.method_options,
+            "verify": self.verify,
+            "callback_url": self.callback_url,
+        }
 
 
 def submit_deletion_request(
@@ -79,68 +110,48 @@ def submit_deletion_request(
     reason: str | None = None,
     method: str | None = None,
     method_options: dict[str, Any] | None = None,
-    verify: str = "standard",
+    verify: str = VerifyMode.STANDARD,
     callback_url: str | None = None,
     idempotency_key: str | None = None,
 ) -> Submitted:
     """Validate and accept a deletion request (see the module docstring for the rules)."""
-    method = method or catalog.DEFAULT_METHOD
-    body = {
-        "model": model,
-        "sample_ids": sample_ids,
-        "subject_ref": subject_ref,
-        "reason": reason,
-        "method": method,
-        "method_options": method_options or {},
-        "verify": verify,
-        "callback_url": callback_url,
-    }
-    claim: IdempotencyKey | None = None
-    if idempotency_key is not None:
-        claim, replay = idempotency.begin(
-            session,
-            principal.id,
-            idempotency_key,
-            idempotency.body_hash(body),
-            ttl_s=settings.idempotency_ttl_s,
-        )
-        if replay is not None:
-            return Submitted(replay.status_code, replay.body, None, replayed=True)
-    try:
-        return _create(
-            session,
-            principal=principal,
-            settings=settings,
-            model=model,
-            sample_ids=sample_ids,
-            subject_ref=subject_ref,
-            reason=reason,
-            method=method,
-            method_options=method_options or {},
-            verify=verify,
-            callback_url=callback_url,
-            claim=claim,
-        )
-    except BaseException:
-        session.rollback()  # the key's claim goes with everything else: a retry may use it
-        raise
+    intake = _Intake(model, sample_ids, subject_ref, reason, method or catalog.DEFAULT_METHOD,
+                     method_options or {}, verify, callback_url)
+    # The key's claim is in this unit of work: a request that fails leaves it free for a retry.
+    with unit_of_work(session):
+        claim: IdempotencyKey | None = None
+        if idempotency_key is not None:
+            claim, replay = idempotency.begin(
+                session,
+                principal.id,
+                idempotency_key,
+                idempotency.body_hash(intake.body()),
+                ttl_s=settings.idempotency_ttl_s,
+            )
+            if replay is not None:
+                return Submitted(replay.status_code, replay.body, None, replayed=True)
+        _validate(intake, settings)
+        # Validation and the bulk insert run before the model lock: the lock (and, on
+        # PostgreSQL, the audit chain's) is held only for the job join and the final events.
+        m = _get_model(session, intake.model)
+        forgotten = _check_sample_ids(session, m, intake.sample_ids)
+        req = _store_request(session, m, intake, forgotten, principal)
+        accepted = _accepted_event(req, m, intake, forgotten, principal)
+        enqueue: str | None = None
+        if req.status == RequestStatus.SUCCEEDED:
+            _succeed_at_once(session, req, m, accepted, principal)
+        else:
+            enqueue = _queue(session, req, m, intake, accepted, principal)
+        resource = request_public(req, m.name)
+        if claim is not None:
+            idempotency.finish(claim, 202, resource, req.id)
+    return Submitted(202, resource, enqueue)
 
 
-def _create(
-    session: Session,
-    *,
-    principal: Principal,
-    settings: Settings,
-    model: str,
-    sample_ids: list[str],
-    subject_ref: str | None,
-    reason: str | None,
-    method: str,
-    method_options: dict[str, Any],
-    verify: str,
-    callback_url: str | None,
-    claim: IdempotencyKey | None,
-) -> Submitted:
+def _validate(intake: _Intake, settings: Settings) -> None:
+    """Refuse what no database state can make valid: no, too many or repeated IDs, an unknown
+    method or verification, a callback URL that is not allowed."""
+    sample_ids = intake.sample_ids
     if not sample_ids:
         raise InvalidInput("sample_ids must name at least one sample", field="sample_ids")
     if len(sample_ids) > settings.max_ids_per_request:
@@ -153,29 +164,32 @@ def _create(
         seen: set[str] = set()
         dups = sorted({s for s in sample_ids if s in seen or seen.add(s)})  # type: ignore[func-returns-value]
         raise DuplicateSampleIds(dups)
-    _check_method(method, method_options)
-    if verify not in ("standard", "retrain"):
+    _check_method(intake.method, intake.method_options)
+    if intake.verify not in tuple(VerifyMode):
         raise InvalidInput("verify must be 'standard' or 'retrain'", field="verify")
-    if callback_url is not None:
-        check_callback_url(callback_url, settings)
+    if intake.callback_url is not None:
+        check_callback_url(intake.callback_url, settings)
 
-    # Validation and the bulk insert run before the model lock: the lock (and, on
-    # PostgreSQL, the audit chain's) is held only for the job join and the final events.
-    m = _get_model(session, model)
-    forgotten = _check_sample_ids(session, m, sample_ids)
+
+def _store_request(
+    session: Session, m: ModelRow, intake: _Intake, forgotten: set[str], principal: Principal
+) -> DeletionRequest:
+    """Insert the request and its IDs; it is `succeeded` at once when every ID was already
+    forgotten, else `accepted`. The returned row stays transient: the response is built from
+    it, and its later changes are written with plain UPDATEs."""
     now = utcnow()
-    all_forgotten = len(forgotten) == len(sample_ids)
+    all_forgotten = len(forgotten) == len(intake.sample_ids)
     req = DeletionRequest(
         id=new_id("dr"),
         model_id=m.id,
-        status="succeeded" if all_forgotten else "accepted",
-        sample_count=len(sample_ids),
+        status=RequestStatus.SUCCEEDED if all_forgotten else RequestStatus.ACCEPTED,
+        sample_count=len(intake.sample_ids),
         already_forgotten_count=len(forgotten),
-        subject_ref=subject_ref,
-        reason=reason,
-        method=method,
-        verify=verify,
-        callback_url=callback_url,
+        subject_ref=intake.subject_ref,
+        reason=intake.reason,
+        method=intake.method,
+        verify=intake.verify,
+        callback_url=intake.callback_url,
         api_key_id=principal.id,
         job_id=None,
         result_version=m.latest_version if all_forgotten else None,
@@ -186,60 +200,74 @@ def _create(
         started_at=now if all_forgotten else None,
         finished_at=now if all_forgotten else None,
     )
-    # Written with plain INSERTs; `req` stays a transient object the response is built from.
     session.execute(insert(table_of(DeletionRequest)), _columns(req))
     rid = req.id
     bulk_insert(
         session,
         table_of(RequestSample),
         ("request_id", "sample_id", "already_forgotten"),
-        ((rid, s, s in forgotten) for s in sample_ids),
+        ((rid, s, s in forgotten) for s in intake.sample_ids),
     )
-    accepted = Event(
+    return req
+
+
+def _accepted_event(
+    req: DeletionRequest, m: ModelRow, intake: _Intake, forgotten: set[str], principal: Principal
+) -> Event:
+    """The `request.accepted` audit event (the IDs only as a digest)."""
+    digest = hashlib.sha256("\n".join(sorted(intake.sample_ids)).encode()).hexdigest()
+    return Event(
         principal.name,
         "request.accepted",
         f"request:{req.id}",
         {
-            "sample_count": len(sample_ids),
+            "sample_count": len(intake.sample_ids),
             "already_forgotten_count": len(forgotten),
-            "sample_ids_sha256": hashlib.sha256("\n".join(sorted(sample_ids)).encode()).hexdigest(),
-            "subject_ref": subject_ref,
-            "reason": reason,
-            "method": method,
-            "verify": verify,
+            "sample_ids_sha256": digest,
+            "subject_ref": intake.subject_ref,
+            "reason": intake.reason,
+            "method": intake.method,
+            "verify": intake.verify,
         },
         m.name,
         req.id,
     )
-    enqueue: str | None = None
-    if all_forgotten:
-        note = {"result_version": m.latest_version, "note": "every ID was already forgotten"}
-        append_events(session, [
-            accepted,
-            Event(principal.name, "request.succeeded", f"request:{req.id}", note, m.name, req.id),
-        ])
-        enqueue_callback(session, req, m.name)
-    else:
-        job_id, new_job = _join_or_create_job(session, m, method, verify, method_options, principal)
-        enqueue = new_job.id if new_job is not None else None
-        req.status, req.job_id = "queued", job_id
-        requests = table_of(DeletionRequest)
-        session.execute(
-            update(requests).where(requests.c.id == req.id).values(status="queued", job_id=job_id)
-        )
-        session.execute(insert(table_of(JobRequest)), {"job_id": job_id, "request_id": req.id})
-        # The audit chain's lock is taken last, so it is held only for this insert and commit.
-        events = [accepted]
-        if new_job is not None:
-            events.append(job_queued_event(new_job, m.name, actor=principal.name))
-        queued = {"job_id": job_id, "coalesced": new_job is None}
-        events.append(Event(principal.name, "request.queued", f"request:{req.id}", queued, m.name, req.id))
-        append_events(session, events)
-    resource = request_public(req, m.name)
-    if claim is not None:
-        idempotency.finish(claim, 202, resource, req.id)
-    session.commit()
-    return Submitted(202, resource, enqueue)
+
+
+def _succeed_at_once(
+    session: Session, req: DeletionRequest, m: ModelRow, accepted: Event, principal: Principal
+) -> None:
+    """Every ID was already forgotten: the request succeeds on the current version, no job."""
+    note = {"result_version": m.latest_version, "note": "every ID was already forgotten"}
+    append_events(session, [
+        accepted,
+        Event(principal.name, "request.succeeded", f"request:{req.id}", note, m.name, req.id),
+    ])
+    enqueue_callback(session, req, m.name)
+
+
+def _queue(
+    session: Session, req: DeletionRequest, m: ModelRow, intake: _Intake, accepted: Event,
+    principal: Principal,
+) -> str | None:
+    """Join the request to the model's matching queued job, or a new one; returns the new
+    job's id to send to the broker (None when the request joined a queued job)."""
+    job_id, new_job = _join_or_create_job(session, m, intake.method, intake.verify,
+                                          intake.method_options, principal)
+    req.status, req.job_id = RequestStatus.QUEUED, job_id
+    requests = table_of(DeletionRequest)
+    session.execute(
+        update(requests).where(requests.c.id == req.id).values(status=RequestStatus.QUEUED, job_id=job_id)
+    )
+    session.execute(insert(table_of(JobRequest)), {"job_id": job_id, "request_id": req.id})
+    # The audit chain's lock is taken last, so it is held only for this insert and commit.
+    events = [accepted]
+    if new_job is not None:
+        events.append(job_queued_event(new_job, m.name, actor=principal.name))
+    queued = {"job_id": job_id, "coalesced": new_job is None}
+    events.append(Event(principal.name, "request.queued", f"request:{req.id}", queued, m.name, req.id))
+    append_events(session, events)
+    return new_job.id if new_job is not None else None
 
 
 def _check_method(method: str, options: dict[str, Any]) -> None:
@@ -289,11 +317,10 @@ def _check_sample_ids(session: Session, m: ModelRow, sample_ids: list[str]) -> s
                 select="sample_id, split",
             )
         }
-        session.rollback()
         unknown = [s for s in sample_ids if s not in split_of]
         if unknown:
             raise UnknownSampleIds(unknown)
-        raise TestSplitSamples([s for s, sp in split_of.items() if sp != "train"])
+        raise TestSplitSamples([s for s, sp in split_of.items() if sp != Split.TRAIN])
     if not forgotten_count:
         return set()
     return {
@@ -320,8 +347,8 @@ def _join_or_create_job(
     row = session.execute(
         select(Job.id, Job.method_options)
         .where(Job.model_id == m.id)
-        .where(Job.status == "queued")
-        .where(Job.kind.in_(("unlearn", "retrain")))
+        .where(Job.status == JobStatus.QUEUED)
+        .where(Job.kind.in_((JobKind.UNLEARN, JobKind.RETRAIN)))
         .where(Job.method == method)
         .where(Job.verify == verify)
         .where(Job.cancel_requested.is_(False))
@@ -334,7 +361,7 @@ def _join_or_create_job(
     job = create_job(
         session,
         m,
-        kind="retrain" if method == "retrain" else "unlearn",
+        kind=JobKind.RETRAIN if method == "retrain" else JobKind.UNLEARN,
         method=method,
         verify=verify,
         method_options=method_options,
@@ -354,17 +381,15 @@ def _load(session: Session, request_id: str, *, lock: bool = False) -> tuple[Del
         stmt = stmt.with_for_update(of=DeletionRequest)
     row = session.execute(stmt).first()
     if row is None:
-        session.rollback()
         raise RequestNotFound(f"no deletion request {request_id!r}")
     return row[0], row[1]
 
 
 def get_deletion_request(session: Session, request_id: str) -> dict[str, Any]:
     """One request's resource."""
-    req, name = _load(session, request_id)
-    body = request_public(req, name)
-    session.rollback()
-    return body
+    with read_only(session):
+        req, name = _load(session, request_id)
+        return request_public(req, name)
 
 
 def list_deletion_requests(
@@ -387,50 +412,53 @@ def list_deletion_requests(
     after = decode_cursor(cursor)
     if after is not None:
         stmt = stmt.where(DeletionRequest.id < str(after))
-    rows = session.execute(stmt.order_by(DeletionRequest.id.desc()).limit(limit + 1)).all()
-    more = len(rows) > limit
-    items = [request_public(r, n) for r, n in rows[:limit]]
-    session.rollback()
+    with read_only(session):
+        rows = session.execute(stmt.order_by(DeletionRequest.id.desc()).limit(limit + 1)).all()
+        more = len(rows) > limit
+        items = [request_public(r, n) for r, n in rows[:limit]]
     return Page(items, encode_cursor(items[-1]["id"]) if more else None)
 
 
 def cancel_deletion_request(session: Session, request_id: str, *, actor: str) -> dict[str, Any]:
     """Cancel a request while `accepted` or `queued`; its job is cancelled if left empty."""
-    req, name = _load(session, request_id)
-    job: Job | None = None
-    if req.job_id:
-        job = session.scalar(select(Job).where(Job.id == req.job_id).with_for_update(key_share=True))
-    req, name = _load(session, request_id, lock=True)
-    if req.status not in ("accepted", "queued"):
-        status = req.status
-        session.rollback()
-        raise NotCancellable(
-            f"request {request_id} is {status}; only accepted or queued requests can be cancelled",
-            status_now=status,
+    with unit_of_work(session):
+        req, name = _load(session, request_id)
+        job: Job | None = None
+        if req.job_id:
+            job = session.scalar(select(Job).where(Job.id == req.job_id).with_for_update(key_share=True))
+        req, name = _load(session, request_id, lock=True)
+        if req.status not in CANCELLABLE:
+            raise NotCancellable(
+                f"request {request_id} is {req.status}; only accepted or queued requests can be "
+                "cancelled",
+                status_now=req.status,
+            )
+        req.status, req.finished_at = RequestStatus.CANCELLED, utcnow()
+        session.flush()
+        append_event(
+            session,
+            actor=actor,
+            action="request.cancelled",
+            subject=f"request:{req.id}",
+            model=name,
+            request_id=req.id,
+            data={"job_id": req.job_id},
         )
-    now = utcnow()
-    req.status, req.finished_at = "cancelled", now
-    session.flush()
-    append_event(
-        session,
-        actor=actor,
-        action="request.cancelled",
-        subject=f"request:{req.id}",
-        model=name,
-        request_id=req.id,
-        data={"job_id": req.job_id},
-    )
-    enqueue_callback(session, req, name)
-    if job is not None and job.status == "queued":
-        remaining = session.scalars(
-            select(DeletionRequest.id)
-            .where(DeletionRequest.job_id == job.id)
-            .where(DeletionRequest.status.in_(("accepted", "queued", "running")))
-            .limit(1)
-        ).first()
-        if remaining is None:
-            model = session.scalar(select(ModelRow).where(ModelRow.id == req.model_id))
-            assert model is not None
-            cancel_in_transaction(session, job, model, actor=actor)
-    session.commit()
+        enqueue_callback(session, req, name)
+        if job is not None and job.status == JobStatus.QUEUED:
+            _cancel_if_empty(session, job, req.model_id, actor=actor)
     return get_deletion_request(session, request_id)
+
+
+def _cancel_if_empty(session: Session, job: Job, model_id: int, *, actor: str) -> None:
+    """Cancel the queued `job` when none of its requests is open any more."""
+    remaining = session.scalars(
+        select(DeletionRequest.id)
+        .where(DeletionRequest.job_id == job.id)
+        .where(DeletionRequest.status.in_(OPEN_REQUEST_STATUSES))
+        .limit(1)
+    ).first()
+    if remaining is None:
+        model = session.scalar(select(ModelRow).where(ModelRow.id == model_id))
+        assert model is not None
+        cancel_in_transaction(session, job, model, actor=actor)

@@ -29,6 +29,7 @@ from app.db.models import IdempotencyKey
 from app.db.types import utcnow
 from app.errors import IdempotencyInFlight, IdempotencyKeyMismatch, InvalidInput
 from app.services.common import canonical_json, is_postgres
+from app.services.transactions import read_only, unit_of_work
 
 
 @dataclass(frozen=True)
@@ -53,54 +54,74 @@ def _lock_id(principal: str, key: str) -> int:
 def begin(
     session: Session, principal: str, key: str, digest: str, *, ttl_s: float
 ) -> tuple[IdempotencyKey | None, Replay | None]:
-    """Claim `key` for this body in the caller's transaction.
+    """Claim `key` for this body inside the caller's unit of work.
 
     Returns (the claimed row, None): go on and create, then `finish` before committing. Or
-    (None, the stored response) for a completed duplicate; the transaction is then over.
+    (None, the stored response) for a completed duplicate; nothing is then left to commit.
     """
     if not key or len(key) > 200:
         raise InvalidInput("Idempotency-Key must be 1..200 characters", field="Idempotency-Key")
     for _ in range(3):
-        if is_postgres(session):
-            lock = _lock_id(principal, key)
-            taken = session.scalar(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": lock})
-            if not taken:
-                session.rollback()
-                raise IdempotencyInFlight("the first request with this Idempotency-Key is in progress")
-        now = utcnow()
-        row = IdempotencyKey(
-            principal=principal,
-            key=key,
-            body_hash=digest,
-            state="in_flight",
-            created_at=now,
-            expires_at=now + timedelta(seconds=ttl_s),
-        )
-        session.add(row)
-        try:
-            session.flush()
+        row = _claim(session, principal, key, digest, ttl_s=ttl_s)
+        if row is not None:
             return row, None
-        except IntegrityError:
-            session.rollback()
+        replay = _stored_response(session, principal, key, digest)
+        if replay is not None:
+            return None, replay
+    raise IdempotencyInFlight("could not claim the Idempotency-Key; retry")
+
+
+def _claim(
+    session: Session, principal: str, key: str, digest: str, *, ttl_s: float
+) -> IdempotencyKey | None:
+    """The new in-flight row for (principal, key), flushed in the caller's transaction; None
+    when the key exists (that transaction is then over: the failed insert ended it)."""
+    if is_postgres(session):
+        lock = _lock_id(principal, key)
+        if not session.scalar(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": lock}):
+            raise IdempotencyInFlight("the first request with this Idempotency-Key is in progress")
+    now = utcnow()
+    row = IdempotencyKey(
+        principal=principal,
+        key=key,
+        body_hash=digest,
+        state="in_flight",
+        created_at=now,
+        expires_at=now + timedelta(seconds=ttl_s),
+    )
+    session.add(row)
+    try:
+        session.flush()
+    except IntegrityError:
+        # The only rollback outside `transactions`: a failed INSERT leaves the transaction
+        # unusable, and the key's owner is then read in a fresh one.
+        session.rollback()
+        return None
+    return row
+
+
+def _stored_response(session: Session, principal: str, key: str, digest: str) -> Replay | None:
+    """The response stored under an existing key, or 422 for a different body; None when no
+    key is left (it was removed meanwhile, or it had expired and is removed now)."""
+    with read_only(session):
         existing = session.scalar(
             select(IdempotencyKey)
             .where(IdempotencyKey.principal == principal)
             .where(IdempotencyKey.key == key)
         )
         if existing is None:
-            continue
+            return None
         # A committed row is always a finished one: the claim commits with its response.
-        stored_hash, status_code, response = existing.body_hash, existing.status_code, existing.response
-        if existing.expires_at < now:
-            session.execute(delete(IdempotencyKey).where(IdempotencyKey.id == existing.id))
-            session.commit()
-            continue
-        session.rollback()
-        if stored_hash != digest:
-            raise IdempotencyKeyMismatch("this Idempotency-Key was used with a different request body")
-        assert response is not None and status_code is not None
-        return None, Replay(status_code, response)
-    raise IdempotencyInFlight("could not claim the Idempotency-Key; retry")
+        row_id, stored_hash, expires_at = existing.id, existing.body_hash, existing.expires_at
+        status_code, response = existing.status_code, existing.response
+    if expires_at < utcnow():
+        with unit_of_work(session):
+            session.execute(delete(IdempotencyKey).where(IdempotencyKey.id == row_id))
+        return None
+    if stored_hash != digest:
+        raise IdempotencyKeyMismatch("this Idempotency-Key was used with a different request body")
+    assert response is not None and status_code is not None
+    return Replay(status_code, response)
 
 
 def finish(row: IdempotencyKey, status_code: int, body: dict[str, Any], request_id: str) -> None:
@@ -110,6 +131,6 @@ def finish(row: IdempotencyKey, status_code: int, body: dict[str, Any], request_
 
 def purge_expired(session: Session) -> int:
     """Delete expired keys; returns how many."""
-    res = session.execute(delete(IdempotencyKey).where(IdempotencyKey.expires_at < utcnow()))
-    session.commit()
+    with unit_of_work(session):
+        res = session.execute(delete(IdempotencyKey).where(IdempotencyKey.expires_at < utcnow()))
     return int(res.rowcount or 0)  # type: ignore[attr-defined]

@@ -31,11 +31,11 @@ from app.services.common import Page, decode_cursor, encode_cursor
 from app.services.datasets import check_name, get_dataset_row
 from app.services.jobs import create_job
 from app.services.policy import merge_policy
+from app.services.transactions import read_only, unit_of_work
+from app.vocab import OPEN_REQUEST_STATUSES, JobKind
 from engine import errors as engine_errors
 from engine.arch_shapes import ARCHITECTURES, param_shapes
-from models_store import Store
-
-RECIPE_KEYS = ("optimizer", "lr", "epochs", "batch_size", "seed")
+from models_store import Store, StoredCheckpoint
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,7 @@ def register_model_train(
     policy: dict[str, Any] | None = None,
 ) -> Registered:
     """Register a model whose version 1 a queued train job will produce."""
-    try:
+    with unit_of_work(session):
         ds = _check_spec(
             session, name=name, dataset=dataset, architecture=architecture, num_classes=num_classes
         )
@@ -156,21 +156,23 @@ def register_model_train(
             recipe=recipe,
             policy=policy,
         )
-        session.add(model)
+        _add_model(session, model)
+        _record_registration(session, actor=principal.name, model=model, dataset=dataset, init="train")
+        job = create_job(session, model, kind=JobKind.TRAIN, method="train", actor=principal.name)
+    with read_only(session):
+        body = model_public(session, model)
+    body["job_id"] = job.id
+    return Registered(body, job.id)
+
+
+def _add_model(session: Session, model: ModelRow) -> None:
+    """Insert the model row; a name taken meanwhile is `AlreadyExists`."""
+    name = model.name
+    session.add(model)
+    try:
         session.flush()
     except IntegrityError:
-        session.rollback()
         raise AlreadyExists(f"model {name!r} exists") from None
-    except BaseException:
-        session.rollback()
-        raise
-    _record_registration(session, actor=principal.name, model=model, dataset=dataset, init="train")
-    job = create_job(session, model, kind="train", method="train", actor=principal.name)
-    session.commit()
-    body = model_public(session, model)
-    body["job_id"] = job.id
-    session.rollback()
-    return Registered(body, job.id)
 
 
 def register_model_upload(
@@ -188,22 +190,55 @@ def register_model_upload(
     max_bytes: int | None = None,
 ) -> Registered:
     """Register a model from an uploaded safetensors checkpoint: version 1, no parent."""
-    try:
+    with read_only(session):
         ds = _check_spec(
             session, name=name, dataset=dataset, architecture=architecture, num_classes=num_classes
         )
         merged = merge_policy(policy)
-        ds_doc = {
-            "name": ds.name,
-            "kind": ds.kind,
-            "uri": ds.uri,
-            "options": ds.options,
-            "fingerprint": ds.fingerprint,
-        }
-        input_shape = [ds.in_channels, ds.height, ds.width]
-    finally:
-        session.rollback()
-    manifest = {
+        manifest = _upload_manifest(ds, name=name, architecture=architecture,
+                                    num_classes=num_classes, recipe=recipe)
+    try:
+        stored = store.put_file(name, checkpoint, manifest, max_bytes=max_bytes)
+    except engine_errors.InvalidCheckpoint as exc:
+        raise InvalidCheckpoint(str(exc)) from None
+    except engine_errors.EngineError as exc:
+        raise to_lethe_error(exc) from None
+    with unit_of_work(session):
+        ds = get_dataset_row(session, dataset)
+        model = _new_model(
+            ds,
+            name=name,
+            architecture=architecture,
+            num_classes=num_classes,
+            recipe=recipe,
+            policy=merged,
+        )
+        _add_model(session, model)
+        _add_uploaded_version(session, store, model, stored)
+        _record_registration(session, actor=principal.name, model=model, dataset=dataset, init="upload")
+        append_event(
+            session,
+            actor=principal.name,
+            action="model.version.published",
+            subject=f"model:{name}/v1",
+            model=name,
+            data={
+                "version": 1,
+                "parent": None,
+                "sha256": stored.sha256,
+                "size_bytes": stored.size_bytes,
+                "method": "upload",
+            },
+        )
+    with read_only(session):
+        return Registered(model_public(session, model), None)
+
+
+def _upload_manifest(
+    ds: DatasetRow, *, name: str, architecture: str, num_classes: int, recipe: dict[str, Any]
+) -> dict[str, Any]:
+    """The manifest stored beside an uploaded checkpoint (version 1, no parent, no job)."""
+    return {
         "format": "lethe.checkpoint/1",
         "model": name,
         "version": 1,
@@ -213,9 +248,15 @@ def register_model_upload(
         "architecture": {
             "name": architecture,
             "num_classes": num_classes,
-            "input_shape": input_shape,
+            "input_shape": [ds.in_channels, ds.height, ds.width],
         },
-        "dataset": ds_doc,
+        "dataset": {
+            "name": ds.name,
+            "kind": ds.kind,
+            "uri": ds.uri,
+            "options": ds.options,
+            "fingerprint": ds.fingerprint,
+        },
         "recipe": recipe,
         "method": "upload",
         "method_config": {},
@@ -224,28 +265,12 @@ def register_model_upload(
         "forgotten": {"count": 0, "sha256": None, "this_job": 0},
         "created_at": rfc3339(utcnow()),
     }
-    try:
-        stored = store.put_file(name, checkpoint, manifest, max_bytes=max_bytes)
-    except engine_errors.InvalidCheckpoint as exc:
-        raise InvalidCheckpoint(str(exc)) from None
-    except engine_errors.EngineError as exc:
-        raise to_lethe_error(exc) from None
-    ds = get_dataset_row(session, dataset)
-    model = _new_model(
-        ds,
-        name=name,
-        architecture=architecture,
-        num_classes=num_classes,
-        recipe=recipe,
-        policy=merged,
-    )
-    session.add(model)
-    try:
-        session.flush()
-    except IntegrityError:
-        session.rollback()
-        raise AlreadyExists(f"model {name!r} exists") from None
-    now = utcnow()
+
+
+def _add_uploaded_version(
+    session: Session, store: Store, model: ModelRow, stored: StoredCheckpoint
+) -> None:
+    """Version 1 of an uploaded model, and the model pointing at it."""
     session.add(
         ModelVersion(
             model_id=model.id,
@@ -259,36 +284,16 @@ def register_model_upload(
             job_id=None,
             metrics=None,
             forgotten_count=0,
-            created_at=now,
+            created_at=utcnow(),
         )
     )
     model.latest_version = 1
     session.flush()
-    _record_registration(session, actor=principal.name, model=model, dataset=dataset, init="upload")
-    append_event(
-        session,
-        actor=principal.name,
-        action="model.version.published",
-        subject=f"model:{name}/v1",
-        model=name,
-        data={
-            "version": 1,
-            "parent": None,
-            "sha256": stored.sha256,
-            "size_bytes": stored.size_bytes,
-            "method": "upload",
-        },
-    )
-    session.commit()
-    body = model_public(session, model)
-    session.rollback()
-    return Registered(body, None)
 
 
 def _model_by_name(session: Session, name: str) -> ModelRow:
     model = session.scalar(select(ModelRow).where(ModelRow.name == name))
     if model is None:
-        session.rollback()
         raise ModelNotFound(f"no model named {name!r}", model=name)
     return model
 
@@ -299,7 +304,7 @@ def model_public(session: Session, model: ModelRow) -> dict[str, Any]:
         select(func.count())
         .select_from(DeletionRequest)
         .where(DeletionRequest.model_id == model.id)
-        .where(DeletionRequest.status.in_(("accepted", "queued", "running")))
+        .where(DeletionRequest.status.in_(OPEN_REQUEST_STATUSES))
     )
     dataset = session.scalar(select(DatasetRow.name).where(DatasetRow.id == model.dataset_id))
     return {
@@ -318,10 +323,8 @@ def model_public(session: Session, model: ModelRow) -> dict[str, Any]:
 
 def get_model(session: Session, name: str) -> dict[str, Any]:
     """One model."""
-    try:
+    with read_only(session):
         return model_public(session, _model_by_name(session, name))
-    finally:
-        session.rollback()
 
 
 def list_models(session: Session, *, limit: int, cursor: str | None = None) -> Page[dict[str, Any]]:
@@ -330,11 +333,11 @@ def list_models(session: Session, *, limit: int, cursor: str | None = None) -> P
     after = decode_cursor(cursor)
     if after is not None:
         stmt = stmt.where(ModelRow.name > str(after))
-    rows = list(session.scalars(stmt.limit(limit + 1)))
-    more = len(rows) > limit
-    rows = rows[:limit]
-    items = [model_public(session, m) for m in rows]
-    session.rollback()
+    with read_only(session):
+        rows = list(session.scalars(stmt.limit(limit + 1)))
+        more = len(rows) > limit
+        rows = rows[:limit]
+        items = [model_public(session, m) for m in rows]
     return Page(items, encode_cursor(rows[-1].name) if more else None)
 
 
@@ -374,18 +377,16 @@ def _version(session: Session, model: ModelRow, n: str | int) -> ModelVersion:
 
 def get_version(session: Session, name: str, n: str | int) -> dict[str, Any]:
     """One version (`n` may be `latest`)."""
-    try:
+    with read_only(session):
         model = _model_by_name(session, name)
         return version_public(model, _version(session, model, n))
-    finally:
-        session.rollback()
 
 
 def list_versions(
     session: Session, name: str, *, limit: int, cursor: str | None = None
 ) -> Page[dict[str, Any]]:
     """A model's versions, newest first."""
-    try:
+    with read_only(session):
         model = _model_by_name(session, name)
         stmt = select(ModelVersion).where(ModelVersion.model_id == model.id)
         after = decode_cursor(cursor, int)
@@ -394,25 +395,20 @@ def list_versions(
         rows = list(session.scalars(stmt.order_by(ModelVersion.version.desc()).limit(limit + 1)))
         more = len(rows) > limit
         items = [version_public(model, v) for v in rows[:limit]]
-    finally:
-        session.rollback()
     return Page(items, encode_cursor(items[-1]["version"]) if more else None)
 
 
 def get_manifest(session: Session, store: Store, name: str, n: str | int) -> dict[str, Any]:
     """The JSON manifest stored with a version."""
-    try:
+    with read_only(session):
         model = _model_by_name(session, name)
-        v = _version(session, model, n)
-        path = v.manifest_path
-    finally:
-        session.rollback()
+        path = _version(session, model, n).manifest_path
     return store.read_manifest(path)
 
 
 def checkpoint_file(session: Session, store: Store, name: str, n: str | int) -> CheckpointFile:
     """Locate a version's checkpoint for download."""
-    try:
+    with read_only(session):
         model = _model_by_name(session, name)
         v = _version(session, model, n)
         return CheckpointFile(
@@ -423,18 +419,16 @@ def checkpoint_file(session: Session, store: Store, name: str, n: str | int) -> 
             model=model.name,
             version=v.version,
         )
-    finally:
-        session.rollback()
 
 
 def record_download(session: Session, ck: CheckpointFile, *, actor: str, byte_range: str | None) -> None:
     """Audit one checkpoint download."""
-    append_event(
-        session,
-        actor=actor,
-        action="checkpoint.downloaded",
-        subject=f"model:{ck.model}/v{ck.version}",
-        model=ck.model,
-        data={"version": ck.version, "sha256": ck.sha256, "range": byte_range},
-    )
-    session.commit()
+    with unit_of_work(session):
+        append_event(
+            session,
+            actor=actor,
+            action="checkpoint.downloaded",
+            subject=f"model:{ck.model}/v{ck.version}",
+            model=ck.model,
+            data={"version": ck.version, "sha256": ck.sha256, "range": byte_range},
+        )

@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 
 from app.db.models import DeletionRequest, Job, JobRequest
 from app.db.types import rfc3339
+from app.vocab import FINAL_JOB_STATUSES, JobPhase, JobStatus
 
 
 def request_public(req: DeletionRequest, model_name: str) -> dict[str, Any]:
@@ -43,10 +44,10 @@ def job_public(session: Session, job: Job, model_name: str) -> dict[str, Any]:
         )
     )
     phase = job.phase
-    if job.status in ("succeeded", "failed", "cancelled"):
-        phase = "done"
+    if job.status in FINAL_JOB_STATUSES:
+        phase = JobPhase.DONE
     total = job.total_steps or 0
-    progress = 1.0 if job.status == "succeeded" else (min(1.0, job.step / total) if total else 0.0)
+    progress = 1.0 if job.status == JobStatus.SUCCEEDED else (min(1.0, job.step / total) if total else 0.0)
     return {
         "id": job.id,
         "kind": job.kind,

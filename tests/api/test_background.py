@@ -22,11 +22,11 @@ from sqlalchemy import select, update
 from app.db.models import CallbackDelivery, Job
 from app.db.types import utcnow
 from app.dispatch import Dispatcher
+from app.queue import QUEUE, RUN_JOB, create_celery
 from app.services import audit, callbacks, deletions
 from app.services.apikeys import webhook_secret
 from app.settings import Settings
 from app.sweeper import sweep_once
-from worker.celery_app import QUEUE, RUN_JOB, create_celery
 
 
 def test_celery_app_configuration(tmp_path: Path) -> None:
@@ -43,7 +43,7 @@ def test_celery_app_configuration(tmp_path: Path) -> None:
     code = (
         "import sys\n"
         "from app.settings import Settings\n"
-        "from worker.celery_app import RUN_JOB, create_celery\n"
+        "from app.queue import RUN_JOB, create_celery\n"
         f"app = create_celery(Settings(var_dir={str(tmp_path)!r}))\n"
         "assert RUN_JOB not in app.tasks and 'worker.tasks' not in sys.modules\n"
     )
@@ -222,7 +222,7 @@ def test_stale_running_job_is_swept(deployment: Any, redis_url: str) -> None:
     from app.services import jobs
 
     with deployment.sessions() as s:
-        jobs.claim_job(s, sub.enqueue_job_id, "dead-worker", heartbeat_timeout_s=60)
+        jobs.claim_job(s, sub.enqueue_job_id, "dead-worker", store=deployment.store, heartbeat_timeout_s=60)
         s.execute(
             update(Job).values(
                 heartbeat_at=utcnow() - timedelta(seconds=3600),
@@ -241,7 +241,7 @@ def test_the_api_layer_never_imports_torch() -> None:
     code = (
         "import sys\n"
         "from app.main import create_app\n"
-        "import app.services.jobs, app.sweeper, app.dispatch, models_store, worker.celery_app\n"
+        "import app.services.jobs, app.sweeper, app.dispatch, app.queue, models_store\n"
         "bad = [m for m in ('torch', 'torchvision', 'worker.tasks') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )

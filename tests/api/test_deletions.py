@@ -108,7 +108,7 @@ def test_a_running_job_takes_no_new_requests(deployment: Any) -> None:
     train, _ = deployment.ids()
     first = deployment.submit("m", train[:3])
     with deployment.sessions() as s:
-        ticket = jobs.claim_job(s, first.enqueue_job_id, "w1", heartbeat_timeout_s=60)
+        ticket = jobs.claim_job(s, first.enqueue_job_id, "w1", store=deployment.store, heartbeat_timeout_s=60)
     assert ticket is not None and ticket.forget_ids == sorted(train[:3])
     second = deployment.submit("m", train[3:6])
     assert second.enqueue_job_id is not None and second.body["job_id"] != first.body["job_id"]
@@ -136,7 +136,7 @@ def test_already_forgotten_ids_are_counted_and_only_forgotten_succeeds_at_once(
     assert only.body["status"] == "succeeded" and only.body["already_forgotten_count"] == 3
     assert only.body["result_version"] == 1 and only.body["finished_at"] is not None
     with deployment.sessions() as s:
-        ticket = jobs.claim_job(s, mixed.enqueue_job_id, "w", heartbeat_timeout_s=60)
+        ticket = jobs.claim_job(s, mixed.enqueue_job_id, "w", store=deployment.store, heartbeat_timeout_s=60)
     assert ticket is not None
     assert ticket.forget_ids == sorted(train[4:6])
     assert ticket.forgotten_ids == sorted(train[:6])
@@ -243,7 +243,8 @@ def test_running_request_is_not_cancellable(deployment: Any) -> None:
     train, _ = deployment.ids()
     a = deployment.submit("m", train[:2])
     with deployment.sessions() as s:
-        assert jobs.claim_job(s, a.enqueue_job_id, "w", heartbeat_timeout_s=60) is not None
+        ticket = jobs.claim_job(s, a.enqueue_job_id, "w", store=deployment.store, heartbeat_timeout_s=60)
+        assert ticket is not None
         with pytest.raises(NotCancellable):
             deletions.cancel_deletion_request(s, a.body["id"], actor="t")
         assert deletions.get_deletion_request(s, a.body["id"])["status"] == "running"
@@ -329,5 +330,5 @@ def test_concurrent_requests_for_one_model_share_one_job(deployment: Any) -> Non
     assert len(job_ids) == 24 and len(set(job_ids)) == 1
     assert _count(deployment, Job) == 1 and _count(deployment, DeletionRequest) == 24
     with deployment.sessions() as s:
-        ticket = jobs.claim_job(s, job_ids[0], "w", heartbeat_timeout_s=60)
+        ticket = jobs.claim_job(s, job_ids[0], "w", store=deployment.store, heartbeat_timeout_s=60)
     assert ticket is not None and ticket.forget_ids == sorted(train[:24])

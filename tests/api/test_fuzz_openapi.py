@@ -87,7 +87,8 @@ def target(deployment: Any, make_checkpoint: Any) -> Iterator[Target]:
     train, test = deployment.ids()
     done = deployment.submit("m", train[:3])
     with deployment.sessions() as s:
-        ticket = jobs.claim_job(s, done.enqueue_job_id, "fuzz", heartbeat_timeout_s=60)
+        ticket = jobs.claim_job(s, done.enqueue_job_id, "fuzz", store=deployment.store,
+                                heartbeat_timeout_s=60)
     deployment.complete(ticket.job_id, make_checkpoint(seed=1), metrics={"acc_test": 0.9, "acc_forget": 0.1},
                         teacher_seed=ticket.teacher_seed)
     queued = deployment.submit("m", train[3:6], subject_ref="dsr-1")

@@ -316,7 +316,7 @@ def test_versions_manifest_and_download(api: tuple[TestClient, Any], make_checkp
     train, _ = dep.ids()
     sub = client.post("/v1/deletion-requests", json={"model": "m", "sample_ids": train[:3]}).json()
     with dep.sessions() as s:
-        t = jobs.claim_job(s, sub["job_id"], "w", heartbeat_timeout_s=60)
+        t = jobs.claim_job(s, sub["job_id"], "w", store=dep.store, heartbeat_timeout_s=60)
     v2 = make_checkpoint(seed=12)
     dep.complete(t.job_id, v2, metrics={"acc_test": 0.9, "acc_forget": 0.1}, teacher_seed=t.teacher_seed)
     versions = client.get("/v1/models/m/versions").json()["items"]

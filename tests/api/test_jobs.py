@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,7 +27,7 @@ def _complete(dep: Any, job_id: str, weights: bytes, **kw: Any) -> jobs.Completi
 
 def _claim(dep: Any, job_id: str, worker: str = "w1", timeout: float = 60) -> Any:
     with dep.sessions() as s:
-        return jobs.claim_job(s, job_id, worker, heartbeat_timeout_s=timeout)
+        return jobs.claim_job(s, job_id, worker, store=dep.store, heartbeat_timeout_s=timeout)
 
 
 def test_claim_builds_the_ticket_and_starts_requests(deployment: Any) -> None:
@@ -39,6 +40,10 @@ def test_claim_builds_the_ticket_and_starts_requests(deployment: Any) -> None:
     assert ticket.dataset_uri == str(deployment.dataset_path)
     assert ticket.base_version == 1 and ticket.attempt == 1
     assert ticket.base_checkpoint and ticket.base_checkpoint.endswith(".safetensors")
+    # The checkpoint is the deployment's own v1, in its own store (not a store the settings
+    # of the environment point at).
+    base = Path(ticket.base_checkpoint)
+    assert base.is_file() and deployment.store.root in base.parents
     assert ticket.recipe["epochs"] == 2 and ticket.method_options == {"max_epochs": 2.0}
     assert ticket.verify == "standard" and isinstance(ticket.teacher_seed, int)
     with deployment.sessions() as s:
@@ -416,7 +421,9 @@ def test_exhausted_attempts_fail_the_job(deployment: Any) -> None:
             s.execute(update(Job).values(heartbeat_at=utcnow() - timedelta(seconds=999)))
             s.commit()
     with deployment.sessions() as s:
-        assert jobs.claim_job(s, sub.enqueue_job_id, "w9", heartbeat_timeout_s=60, max_attempts=2) is None
+        ticket = jobs.claim_job(s, sub.enqueue_job_id, "w9", store=deployment.store,
+                                heartbeat_timeout_s=60, max_attempts=2)
+        assert ticket is None
         job = jobs.get_job(s, sub.enqueue_job_id)
     assert job["status"] == "failed" and job["error"]["code"] == "too_many_attempts"
 

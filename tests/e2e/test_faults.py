@@ -824,8 +824,8 @@ def test_two_workers_burst_and_duplicate_messages(
     every unfinished job of the model is sent to the broker again and again (a sweeper and a
     client racing, a broker redelivering): the versions still form one chain, each job
     publishes at most one version, and the final version forgot every requested ID."""
+    from app.queue import QUEUE, RUN_JOB, create_celery
     from app.settings import Settings
-    from worker.celery_app import QUEUE, RUN_JOB, create_celery
 
     env = {**postgres_redis_env, "LETHE_SWEEPER_INTERVAL_S": "0.5", "LETHE_QUEUED_GRACE_S": "1"}
     service = start_service(env, tmp_path / "var", ("--no-worker",))

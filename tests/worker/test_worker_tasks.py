@@ -213,8 +213,8 @@ def test_failed_verdict_enqueues_the_fallback_job(world: World) -> None:
 def test_celery_task_is_registered_late_acked_and_runs_the_job(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from app.queue import RUN_JOB
     from app.settings import get_settings
-    from worker.celery_app import RUN_JOB
     from worker.main import build_worker_app, worker_argv
 
     monkeypatch.setenv("LETHE_VAR_DIR", str(world.settings.var_dir))
@@ -251,7 +251,7 @@ def test_a_worker_that_lost_its_claim_stops_without_publishing(world: World) -> 
     job_id, runner, result = _start_long_train_job(world)
     # As if w1's heartbeat had expired: the sweeper's redelivery lets w2 take the job over.
     with world.sessions() as s:
-        ticket = job_service.claim_job(s, job_id, "w2", heartbeat_timeout_s=0.0)
+        ticket = job_service.claim_job(s, job_id, "w2", store=world.store, heartbeat_timeout_s=0.0)
     assert ticket is not None and ticket.attempt == 2
     runner.join(timeout=60)
     assert not runner.is_alive()
@@ -283,7 +283,7 @@ def test_worker_shutdown_interrupts_the_job_and_leaves_it_to_be_rerun(world: Wor
         stale = job_service.find_stale_jobs(s, queued_grace_s=0.0, heartbeat_timeout_s=0.5)
     assert job_id in stale
     with world.sessions() as s:
-        ticket = job_service.claim_job(s, job_id, "w2", heartbeat_timeout_s=0.5)
+        ticket = job_service.claim_job(s, job_id, "w2", store=world.store, heartbeat_timeout_s=0.5)
     assert ticket is not None and ticket.attempt == 2
 
 
@@ -297,7 +297,8 @@ def test_a_re_attempt_removes_what_a_dead_attempt_left_in_the_store(
     _, job_id = world.submit("tiny", world.train_ids()[:5])
     assert job_id is not None
     with world.sessions() as s:
-        assert job_service.claim_job(s, job_id, "w-dead", heartbeat_timeout_s=30.0) is not None
+        ticket = job_service.claim_job(s, job_id, "w-dead", store=world.store, heartbeat_timeout_s=30.0)
+        assert ticket is not None
     # What the dead attempt left: an unpublished checkpoint + manifest, and a scratch file of
     # a process that no longer exists.
     orphan = world.store.put("tiny", make_checkpoint(seed=7), {"job_id": job_id, "version": 2})

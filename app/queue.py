@@ -1,9 +1,11 @@
 """The Celery application factory (torch-free): the broker is only a doorbell for job ids.
 
-Both the API (to enqueue) and the worker process (to consume) build the app here. The task
-module is not imported: the worker process names it with `include`, so the API never loads
-the engine. Messages carry one job id, are acknowledged late (after the task returns) and
-are requeued when a worker dies, one message per worker at a time.
+Both the API (to enqueue, `app.dispatch`) and the worker process (to consume, `worker.main`)
+build the app here, so neither side imports the other for it: `worker` depends on `app`,
+never the reverse. The task module is not imported: the worker process names it with
+`include`, so the API never loads the engine. Messages carry one job id, are acknowledged
+late (after the task returns) and are requeued when a worker dies, one message per worker
+at a time.
 """
 
 from __future__ import annotations
