@@ -19,7 +19,8 @@ set, so its flag rate is an honest false-positive rate, not alpha by constructio
 
 Verdict inputs: flag counts compared with Fisher's exact one-sided test (forget vs control,
 original vs control), Wilson intervals on every rate. This module is numpy + scipy only, so the
-service can judge stored evidence without torch.
+service can judge stored evidence without torch; scipy is imported only inside the functions
+that compute statistics, so `forgetting_verdict` runs where scipy is not installed.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from scipy import special, stats
 
 from engine.errors import InvalidInput
 
@@ -60,6 +60,8 @@ IntArray = npt.NDArray[np.int64]
 def logit_confidence(logits: npt.NDArray[Any], labels: npt.NDArray[Any]) -> FloatArray:
     """phi = log p_y - log(1 - p_y), computed stably from logits as
     z_y - logsumexp(z_j, j != y) (float64)."""
+    from scipy import special
+
     z = np.asarray(logits, dtype=np.float64)
     y = np.asarray(labels, dtype=np.int64)
     if z.ndim != 2 or len(z) != len(y):
@@ -201,6 +203,8 @@ def standardise(phi: FloatArray, mu: FloatArray, sigma: FloatArray) -> FloatArra
 
 def gaussian_p_values(z: FloatArray) -> FloatArray:
     """Uncalibrated one-sided tail probability under N(mu_out, sigma) (scipy)."""
+    from scipy import stats
+
     return np.asarray(stats.norm.sf(z), dtype=np.float64)
 
 
@@ -215,6 +219,8 @@ def calibrated_p_values(z: FloatArray, null_z: FloatArray) -> FloatArray:
 
 def wilson(k: int, n: int, confidence: float = CONFIDENCE) -> list[float]:
     """Wilson score interval for k successes out of n (scipy); [0, 1] when n = 0."""
+    from scipy import stats
+
     if n == 0:
         return [0.0, 1.0]
     ci = stats.binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
@@ -228,6 +234,8 @@ def rate_summary(k: int, n: int) -> dict[str, Any]:
 
 def exact_greater(k1: int, n1: int, k2: int, n2: int) -> float:
     """One-sided Fisher exact test: is k1/n1 larger than k2/n2? (scipy)"""
+    from scipy import stats
+
     if n1 == 0 or n2 == 0:
         return 1.0
     table = [[int(k1), int(n1 - k1)], [int(k2), int(n2 - k2)]]
