@@ -18,7 +18,7 @@ import hashlib
 import json
 import sys
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -120,10 +120,12 @@ def run_bench(
     device: str | None,
     references: int = DEFAULT_K,
     log: Any = sys.stderr,
+    on_record: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Run the benchmark and return one record per (method, scenario, seed), plus one
-    `{"method": "references", ...}` cost record per seed when `references` > 0."""
-    records: list[dict[str, Any]] = []
+    `{"method": "references", ...}` cost record per seed when `references` > 0.
+    `on_record` is called with the records so far after each new one (partial results)."""
+    records = _Records(on_record)
     dev = pick_device(device)
     for seed in range(seeds):
         ds = load_dataset(DatasetSpec(dataset_kind, uri, {"split_seed": seed}), dataset_kind)
@@ -156,7 +158,20 @@ def run_bench(
                 records.append(rec)
                 log.write(f"  {scenario}: {label} {res.seconds:.2f}s avg_gap {rec['avg_gap']:.2f}"
                           f"{_flag_log(rec)}\n")
-    return records
+    return list(records)
+
+
+class _Records(list[dict[str, Any]]):
+    """A list of records that reports itself after every append."""
+
+    def __init__(self, on_record: Callable[[list[dict[str, Any]]], None] | None) -> None:
+        super().__init__()
+        self._on_record = on_record
+
+    def append(self, record: dict[str, Any]) -> None:
+        super().append(record)
+        if self._on_record is not None:
+            self._on_record(list(self))
 
 
 def _cost_record(seed: int, stats: ReferenceStats, train_seconds: float, device: str) -> dict[str, Any]:
@@ -345,6 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         dataset_kind=args.dataset, uri=args.uri, scenarios=scenarios, seeds=args.seeds,
         methods=methods, ablation=args.ablation, arch=arch, recipe=recipe,
         cache=args.cache, device=args.device, references=args.references,
+        on_record=(lambda rs: args.json.write_text(json.dumps(rs, indent=1))) if args.json else None,
     )
     print(f"lethe bench --dataset {args.dataset} --arch {arch} --seeds {args.seeds} "
           f"(device {records[0]['device'] if records else '?'}, torch {torch.__version__})")
