@@ -160,6 +160,8 @@ def test_unlearn_job_evidence_with_and_without_references(spec, trained, referen
         assert ready["forget"]["n"] == 5 and ready["control"]["n"] == 5
         assert ready["intervals"] == pending["intervals"]
         assert forgetting_verdict(ready)["forgetting"] in {"tested", "test_has_no_power"}
+    checked = run_unlearn(spec, reference_stats=references[0].stats, verify="retrain", **kw)
+    assert checked.evidence["retrained"]["forget"]["n"] == 5  # retrain's own flag rate
 
 
 def test_reference_job_can_be_cancelled(spec):
