@@ -121,13 +121,14 @@ def run_bench(
     references: int = DEFAULT_K,
     log: Any = sys.stderr,
     on_record: Callable[[list[dict[str, Any]]], None] | None = None,
+    first_seed: int = 0,
 ) -> list[dict[str, Any]]:
     """Run the benchmark and return one record per (method, scenario, seed), plus one
     `{"method": "references", ...}` cost record per seed when `references` > 0.
     `on_record` is called with the records so far after each new one (partial results)."""
     records = _Records(on_record)
     dev = pick_device(device)
-    for seed in range(seeds):
+    for seed in range(first_seed, first_seed + seeds):
         ds = load_dataset(DatasetSpec(dataset_kind, uri, {"split_seed": seed}), dataset_kind)
         data = DeviceData(ds, dev)
         seed_recipe = Recipe(**{**recipe.to_dict(), "seed": seed})
@@ -272,8 +273,9 @@ def format_table(records: list[dict[str, Any]]) -> str:
         for (scen, method), rs in groups.items():
             if scen != scenario:
                 continue
+            label = method if len(rs) == n else f"{method} ({len(rs)} of {n} seeds)"
             lines.append(
-                f"| {method} | {_ms([r['acc_forget'] for r in rs], 100)} "
+                f"| {label} | {_ms([r['acc_forget'] for r in rs], 100)} "
                 f"| {_ms([r['acc_retain'] for r in rs], 100)} "
                 f"| {_ms([r['acc_test'] for r in rs], 100)} "
                 f"| {_ms([r['mia_forget'] for r in rs], 100)} "
@@ -307,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scenario", default="random",
                    help=f"one of {', '.join(SCENARIOS)}, a comma list, or 'all'")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="seeds run are first-seed .. first-seed + seeds - 1 (to split a run)")
     p.add_argument("--methods", default="all",
                    help="'all', 'none' (with --ablation) or a comma list of method names")
     p.add_argument("--ablation", action="store_true",
@@ -360,6 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         dataset_kind=args.dataset, uri=args.uri, scenarios=scenarios, seeds=args.seeds,
         methods=methods, ablation=args.ablation, arch=arch, recipe=recipe,
         cache=args.cache, device=args.device, references=args.references,
+        first_seed=args.first_seed,
         on_record=(lambda rs: args.json.write_text(json.dumps(rs, indent=1))) if args.json else None,
     )
     print(f"lethe bench --dataset {args.dataset} --arch {arch} --seeds {args.seeds} "
