@@ -11,6 +11,11 @@ sample IDs, labels and splits) without importing torch. Adapters:
                   a local root (`download=False` layout); read here with numpy, never fetched.
 
 Images are kept as uint8 (N, C, H, W) when the source is 8-bit; the engine scales to [0, 1].
+
+The held-out (`test`) split is divided in two, deterministically (seeded from the dataset's
+fingerprint) and stratified by label: `calibration`, which unlearning methods may read
+(stopping rules, checkpoint selection), and `audit`, which only metrics, verdicts, receipts and
+the benchmark read. A method is never scored on data it steered by.
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ import numpy.typing as npt
 from engine.errors import InvalidInput, TestSplitSamples, UnknownName, UnknownSampleIds
 
 TRAIN, TEST = "train", "test"
+# The two halves of the held-out split (same strings as `app.vocab.Split`; a test keeps them equal).
+CALIBRATION, AUDIT = "calibration", "audit"
+AUDIT_FRACTION = 0.5
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,7 @@ class Dataset:
     images: npt.NDArray[Any]
     num_classes: int
     _position: dict[str, int] = field(init=False, repr=False)
+    _heldout: dict[str, npt.NDArray[np.int64]] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         n = len(self.ids)
@@ -80,8 +89,47 @@ class Dataset:
     def test_indices(self) -> npt.NDArray[np.int64]:
         return np.flatnonzero(self.splits == TEST).astype(np.int64)
 
+    @property
+    def calibration_indices(self) -> npt.NDArray[np.int64]:
+        """Held-out samples methods may read (never train on): see `heldout_partition`."""
+        return self.heldout_partition()[CALIBRATION]
+
+    @property
+    def audit_indices(self) -> npt.NDArray[np.int64]:
+        """Held-out samples only metrics, verdicts, receipts and the benchmark read."""
+        return self.heldout_partition()[AUDIT]
+
+    def heldout_partition(self) -> dict[str, npt.NDArray[np.int64]]:
+        """The test split divided into `calibration` and `audit` (sorted positions).
+
+        Deterministic for a dataset: the generator is seeded from `fingerprint()`, so the same
+        IDs, labels and splits always give the same halves. Stratified: within each label the
+        test samples are shuffled and `AUDIT_FRACTION` of them (rounded up) go to `audit`, the
+        rest to `calibration`.
+        """
+        if self._heldout is None:
+            rng = np.random.default_rng(int(self.fingerprint()[:16], 16))
+            test = self.test_indices
+            audit: list[npt.NDArray[np.int64]] = []
+            calibration: list[npt.NDArray[np.int64]] = []
+            for c in np.unique(self.labels[test]):
+                members = rng.permutation(test[self.labels[test] == c])
+                k = int(np.ceil(AUDIT_FRACTION * len(members)))
+                audit.append(members[:k])
+                calibration.append(members[k:])
+            empty = np.empty(0, dtype=np.int64)
+            self._heldout = {
+                CALIBRATION: np.sort(np.concatenate(calibration)) if calibration else empty,
+                AUDIT: np.sort(np.concatenate(audit)) if audit else empty,
+            }
+        return self._heldout
+
     def split_sizes(self) -> dict[str, int]:
         return {TRAIN: int((self.splits == TRAIN).sum()), TEST: int((self.splits == TEST).sum())}
+
+    def heldout_sizes(self) -> dict[str, int]:
+        """Sizes of the two halves of the test split (`calibration`, `audit`)."""
+        return {name: len(idx) for name, idx in self.heldout_partition().items()}
 
     def indices_of(self, sample_ids: Iterable[str]) -> npt.NDArray[np.int64]:
         """Positions of `sample_ids`; raises `UnknownSampleIds` naming every unknown one."""

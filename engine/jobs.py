@@ -1,9 +1,12 @@
-"""Job-level entry points: what a worker calls for a train or an unlearn job.
+"""Job-level entry points: what a worker calls for a train, an unlearn or a reference job.
 
 Everything here speaks in sample IDs, file paths and bytes, so the caller needs to know
 nothing about tensors: `run_train` makes version 1 (or a retrained version) from a recipe,
 `run_unlearn` makes the next version from a stored checkpoint. Both return a `JobOutput`
-holding the new weights as a safetensors file and the verification evidence.
+holding the new weights as a safetensors file and the verification evidence (metrics on the
+`audit` split). `run_reference` trains K reference models for a registered model and returns
+only their statistics (`ReferenceOutput.stats`, the bytes of a `.npz` file the service keeps
+in its model store and hands back to `run_unlearn(reference_stats=...)`).
 """
 
 from __future__ import annotations
@@ -24,13 +27,16 @@ from engine.archs import build_model
 from engine.checkpoint import load_model, state_to_bytes
 from engine.datasets import Dataset, DatasetSpec, load_dataset
 from engine.errors import InvalidInput
+from engine.evidence import ALPHA, ReferenceStats, load_reference_stats
 from engine.methods import DEFAULT_METHOD
 from engine.metrics import infer, verification_metrics
+from engine.references import DEFAULT_K, train_references
 from engine.runtime import CancelFn, DeviceData, Progress, ProgressFn, Reporter, pick_device
 from engine.training import Recipe, train_model
 from engine.unlearning import unlearn
 
-__all__ = ["JobOutput", "ModelSpec", "Progress", "Recipe", "run_train", "run_unlearn"]
+__all__ = ["JobOutput", "ModelSpec", "Progress", "Recipe", "ReferenceOutput", "run_reference",
+           "run_train", "run_unlearn"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,21 @@ class JobOutput:
     history: list[dict[str, Any]] = field(default_factory=list)
     reference: dict[str, Any] | None = None
     gaps: dict[str, float] | None = None
+    evidence: dict[str, Any] | None = None
+
+
+@dataclass
+class ReferenceOutput:
+    """What a reference job produced: statistics only (no weights) and what they cost."""
+
+    stats: bytes
+    k: int
+    seconds: float
+    seconds_per_reference: list[float]
+    steps: int
+    device: str
+    pool_size: int
+    summary: dict[str, Any]
 
 
 @functools.lru_cache(maxsize=4)
@@ -108,8 +129,8 @@ def run_train(
     reporter.report(Progress("verifying", steps, steps), force=True)
     metrics: dict[str, Any] = {
         "acc_retain": float(infer(model, data, train_idx).correct().mean()),
-        "acc_test": float(infer(model, data, ds.test_indices).correct().mean())
-        if len(ds.test_indices) else float("nan"),
+        "acc_test": float(infer(model, data, ds.audit_indices).correct().mean())
+        if len(ds.audit_indices) else float("nan"),
         "seconds": seconds,
         "steps": steps,
         "device": str(data.device),
@@ -135,9 +156,15 @@ def run_unlearn(
     on_progress: ProgressFn | None = None,
     should_cancel: CancelFn | None = None,
     device: str | None = None,
+    reference_stats: ReferenceStats | bytes | Path | str | None = None,
+    alpha: float = ALPHA,
 ) -> JobOutput:
     """Make the checkpoint forget `forget_ids`. `forgotten_ids` are every tombstone of the
-    lineage (they never come back through recovery); the job's own IDs are added to them."""
+    lineage (they never come back through recovery); the job's own IDs are added to them.
+
+    `reference_stats` (the bytes or path of `run_reference`'s statistics of this model's
+    lineage) enables the per-sample forgetting test in `JobOutput.evidence`; without them the
+    evidence says `references.status = "pending"` and holds only the accuracy parts."""
     reporter = Reporter(on_progress, should_cancel)
     reporter.report(Progress("loading", 0, 0), force=True)
     ds = cached_dataset(spec.dataset)
@@ -146,17 +173,55 @@ def run_unlearn(
     forget_idx, retain_idx = _forget_indices(ds, forget_ids, forgotten_ids)
     original = load_model(spec.arch, spec.num_classes, ds.input_shape, checkpoint,
                           device=data.device)
+    stats = None if reference_stats is None else load_reference_stats(reference_stats)
     t_seed = seed if teacher_seed is None else teacher_seed
     result = unlearn(
         original, arch=spec.arch, num_classes=spec.num_classes, data=data,
         forget_idx=forget_idx, retain_idx=retain_idx, recipe=spec.recipe, method=method,
         options=options, teacher_seed=t_seed, seed=seed, verify=verify, reporter=reporter,
+        reference_stats=stats, alpha=alpha,
     )
     return JobOutput(
         weights=state_to_bytes(result.model), metrics=result.metrics, method=result.method,
         method_config=result.method_config, teacher_seed=t_seed, seconds=result.seconds,
         steps=result.steps, device=str(data.device), history=result.history,
-        reference=result.reference, gaps=result.gaps,
+        reference=result.reference, gaps=result.gaps, evidence=result.evidence,
+    )
+
+
+def run_reference(
+    spec: ModelSpec,
+    *,
+    k: int = DEFAULT_K,
+    exclude_ids: Iterable[str] = (),
+    seed: int = 0,
+    on_progress: ProgressFn | None = None,
+    should_cancel: CancelFn | None = None,
+    device: str | None = None,
+) -> ReferenceOutput:
+    """Train `k` reference models with `spec.recipe` on balanced random halves of the model's
+    training pool (the training split minus `exclude_ids`, as `run_train` used it) and return
+    their OUT statistics for every sample of the dataset. No weights are kept.
+
+    The statistics stay valid for the model's whole lineage (a model that never saw a sample
+    still never saw it after later deletions); recompute them for a new base model (another
+    recipe, dataset index or architecture). Progress phase: `training`, steps over all K."""
+    reporter = Reporter(on_progress, should_cancel)
+    reporter.report(Progress("loading", 0, 0), force=True)
+    ds = cached_dataset(spec.dataset)
+    _check_model(spec, ds)
+    data = DeviceData(ds, pick_device(device))
+    pool = ds.retain_pool(exclude_ids)
+    stats = train_references(spec.arch, spec.num_classes, data, pool, spec.recipe, k=k,
+                             seed=seed, reporter=reporter)
+    meta = stats.meta
+    reporter.report(Progress("verifying", meta["steps"], meta["steps"]), force=True)
+    return ReferenceOutput(
+        stats=stats.to_bytes(), k=k, seconds=float(meta["seconds"]),
+        seconds_per_reference=list(meta["seconds_per_reference"]), steps=int(meta["steps"]),
+        device=str(data.device), pool_size=len(pool),
+        summary={key: meta[key] for key in ("k", "seed", "pool_size", "seconds", "steps",
+                                            "device", "fingerprint", "reference_seeds")},
     )
 
 
@@ -181,5 +246,5 @@ def evaluate_checkpoint(
     with torch.no_grad():
         return verification_metrics(
             model, original=base, teacher=teacher.to(data.device).eval(), data=data,
-            forget_idx=forget_idx, retain_idx=retain_idx, test_idx=ds.test_indices,
+            forget_idx=forget_idx, retain_idx=retain_idx, test_idx=ds.audit_indices,
         )

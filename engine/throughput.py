@@ -164,7 +164,7 @@ def measure_loops(
         ctx = UnlearnContext(
             arch=arch, num_classes=num_classes, data=data, original=original,
             forget_idx=train_idx[:forget], retain_idx=train_idx[forget:],
-            heldout_idx=data.dataset.test_indices, recipe=recipe, teacher_seed=1, seed=0,
+            heldout_idx=data.dataset.calibration_indices, recipe=recipe, teacher_seed=1, seed=0,
         )
         _sync(dev)
         start = time.perf_counter()

@@ -1,4 +1,9 @@
-"""The engine's main entry point: run one unlearning method, then verify what it produced."""
+"""The engine's main entry point: run one unlearning method, then verify what it produced.
+
+Held-out data is used in two halves (`engine.datasets`): the method's context carries only
+`calibration` samples as `heldout_idx` (its stopping rule and checkpoint selection read them);
+every metric and the deletion evidence are computed on `audit` samples, which no method sees.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +17,10 @@ import torch
 
 from engine.archs import Classifier
 from engine.errors import InvalidInput
+from engine.evidence import ALPHA, ReferenceStats
 from engine.methods import DEFAULT_METHOD, UnlearnContext, make_method
-from engine.metrics import gaps, verification_metrics
+from engine.metrics import gaps, retain_sample, verification_metrics
+from engine.references import build_evidence
 from engine.runtime import DeviceData, Progress, Reporter
 from engine.training import Recipe
 
@@ -33,6 +40,7 @@ class UnlearnResult:
     reference: dict[str, Any] | None = None
     gaps: dict[str, float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    evidence: dict[str, Any] | None = None
 
     @property
     def seconds(self) -> float:
@@ -79,10 +87,14 @@ def unlearn(
     verify: str = "standard",
     reporter: Reporter | None = None,
     metric_seed: int = 0,
+    reference_stats: ReferenceStats | None = None,
+    alpha: float = ALPHA,
 ) -> UnlearnResult:
     """Make `original` forget `forget_idx`; `retain_idx` must already exclude every sample
-    the lineage ever forgot. Returns the new model, its metrics (DESIGN.md §2) and, with
-    `verify="retrain"`, a model retrained without the data as reference and the gaps to it.
+    the lineage ever forgot. Returns the new model, its metrics (DESIGN.md §2, on `audit`),
+    its deletion evidence (`engine.references.build_evidence`; the per-sample test only with
+    `reference_stats`) and, with `verify="retrain"`, a model retrained without the data as
+    reference, the gaps to it and its forget flag rate (`evidence["retrained"]`).
     """
     if verify not in VERIFY_MODES:
         raise InvalidInput(f"verify must be one of {VERIFY_MODES}")
@@ -96,7 +108,7 @@ def unlearn(
         arch=arch, num_classes=num_classes, data=data, original=original,
         forget_idx=np.asarray(forget_idx, dtype=np.int64),
         retain_idx=np.asarray(retain_idx, dtype=np.int64),
-        heldout_idx=data.dataset.test_indices, recipe=recipe,
+        heldout_idx=data.dataset.calibration_indices, recipe=recipe,
         teacher_seed=teacher_seed, seed=seed, reporter=reporter,
     )
     _sync(data.device)
@@ -109,10 +121,15 @@ def unlearn(
     teacher = ctx.teacher()
     verify_kw: dict[str, Any] = dict(
         original=original, teacher=teacher, data=data, forget_idx=ctx.forget_idx,
-        retain_idx=ctx.retain_idx, test_idx=ctx.heldout_idx, seed=metric_seed,
+        retain_idx=ctx.retain_idx, test_idx=data.dataset.audit_indices, seed=metric_seed,
     )
     metrics: dict[str, Any] = dict(verification_metrics(out.model, **verify_kw))
     metrics.update(seconds=seconds, steps=out.steps, device=str(data.device))
+    evidence_kw: dict[str, Any] = dict(
+        data=data, forget_idx=ctx.forget_idx, stats=reference_stats, alpha=alpha,
+        retain_probe_size=len(retain_sample(ctx.retain_idx, metric_seed)), seed=metric_seed,
+    )
+    evidence = build_evidence(out.model, original, metrics=metrics, **evidence_kw)
 
     reference: dict[str, Any] | None = None
     gap: dict[str, float] | None = None
@@ -125,8 +142,12 @@ def unlearn(
         reference = dict(verification_metrics(ref.model, **verify_kw))
         reference.update(seconds=ref_seconds, steps=ref.steps, device=str(data.device))
         gap = gaps(metrics, reference)
+        if reference_stats is not None:
+            ref_evidence = build_evidence(ref.model, original, metrics=reference, **evidence_kw)
+            evidence["retrained"] = {k: ref_evidence[k] for k in
+                                     ("forget", "control", "forget_vs_control_p")}
     return UnlearnResult(
         model=out.model, metrics=metrics, method=method, method_config=impl.config_dict(),
         teacher_seed=teacher_seed, history=out.history, reference=reference, gaps=gap,
-        extra=out.extra,
+        extra=out.extra, evidence=evidence,
     )

@@ -108,3 +108,48 @@ def test_mnist_idx_layout(tmp_path):
     assert ds.split_sizes() == {"train": 5, "test": 3}
     assert ds.ids.tolist()[:2] == ["train-000000", "train-000001"] and ds.ids[-1] == "test-000002"
     assert ds.labels.tolist() == [0, 1, 2, 3, 4, 0, 1, 2]
+
+
+def test_heldout_split_is_deterministic_stratified_and_disjoint(mnist):
+    cal, audit = mnist.calibration_indices, mnist.audit_indices
+    assert mnist.heldout_sizes() == {"calibration": 500, "audit": 500}
+    assert not np.intersect1d(cal, audit).size
+    assert np.array_equal(np.sort(np.concatenate([cal, audit])), mnist.test_indices)
+    # Stratified: each half keeps the test split's class balance (100 per digit -> 50 + 50).
+    assert np.bincount(mnist.labels[cal], minlength=10).tolist() == [50] * 10
+    assert np.bincount(mnist.labels[audit], minlength=10).tolist() == [50] * 10
+    # Deterministic: a fresh load of the same dataset gives the same halves...
+    again = load_dataset(DatasetSpec("mnist5k"))
+    assert np.array_equal(again.audit_indices, audit)
+    # ...and a different dataset (another split seed, so another fingerprint) other halves.
+    other = load_dataset(DatasetSpec("mnist5k", options={"split_seed": 1}))
+    assert (np.bincount(other.labels[other.audit_indices]) == 50).all()
+    assert not np.array_equal(other.audit_indices, audit)
+
+
+def test_heldout_split_seed_comes_from_the_fingerprint_and_odd_classes_favour_audit(tmp_path):
+    labels = np.array([0] * 7 + [1] * 4 + [0] * 3)
+    splits = np.array(["test"] * 11 + ["train"] * 3)
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.zeros((14, 4, 4), np.uint8), y=labels,
+             ids=np.array([f"i{k}" for k in range(14)]), split=splits)
+    ds = load_dataset(DatasetSpec("npz", str(path)))
+    assert np.bincount(ds.labels[ds.audit_indices]).tolist() == [4, 2]
+    assert np.bincount(ds.labels[ds.calibration_indices]).tolist() == [3, 2]
+    assert (ds.splits[ds.audit_indices] == "test").all()
+    # Changing one label changes the fingerprint, and the shuffle with it.
+    draws = set()
+    for k in range(6):
+        relabelled = labels.copy()
+        relabelled[13] = k
+        np.savez(path, x=np.zeros((14, 4, 4), np.uint8), y=relabelled,
+                 ids=np.array([f"i{j}" for j in range(14)]), split=splits)
+        draws.add(tuple(load_dataset(DatasetSpec("npz", str(path))).audit_indices.tolist()))
+    assert len(draws) > 1
+
+
+def test_split_names_match_the_service_vocabulary():
+    from app.vocab import Split
+    from engine.datasets import AUDIT, CALIBRATION, TEST, TRAIN
+
+    assert {s.value for s in Split} == {TRAIN, TEST, CALIBRATION, AUDIT}

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 
 from engine.checkpoint import load_model
 from engine.datasets import DatasetSpec
 from engine.errors import Cancelled, TestSplitSamples, UnknownSampleIds
-from engine.jobs import ModelSpec, evaluate_checkpoint, run_train, run_unlearn
+from engine.evidence import forgetting_verdict, load_reference_stats
+from engine.jobs import ModelSpec, evaluate_checkpoint, run_reference, run_train, run_unlearn
 from engine.metrics import METRIC_NAMES
 from engine.training import Recipe
 
@@ -113,3 +116,54 @@ def test_every_deletion_publishes_changed_weights(tmp_path):
                           seed=k, device="cpu")
         assert out.weights != checkpoint, f"deletion {k} published its parent's weights"
         checkpoint, forgotten = out.weights, forgotten + batch
+
+
+@pytest.fixture(scope="module")
+def references(spec):
+    phases = []
+    out = run_reference(spec, k=2, seed=1, on_progress=phases.append, device="cpu")
+    return out, phases
+
+
+def test_reference_job_returns_statistics_and_no_weights(spec, references):
+    out, phases = references
+    assert phases[0].phase == "loading" and phases[-1].phase == "verifying"
+    steps = [p for p in phases if p.phase == "training"]
+    assert steps and steps[-1].total_steps == out.steps and out.steps == 2 * 6 * 4
+    with np.load(io.BytesIO(out.stats), allow_pickle=False) as z:
+        assert set(z.files) == {"ids", "out", "meta"}  # statistics only: no tensors of a model
+    stats = load_reference_stats(out.stats)
+    assert stats.k == out.k == 2 and out.pool_size == 120
+    assert len(out.seconds_per_reference) == 2 and out.seconds == pytest.approx(
+        sum(out.seconds_per_reference))
+    train = np.arange(150) % 50 < 40
+    assert (stats.out_counts[train] == 1).all() and (stats.out_counts[~train] == 2).all()
+    assert out.summary["fingerprint"] == stats.meta["fingerprint"]
+
+
+def test_unlearn_job_evidence_with_and_without_references(spec, trained, references, tmp_path):
+    forget = ["s000", "s001", "s002", "s050", "s051"]
+    kw = dict(checkpoint=trained[0].weights, forget_ids=forget, forgotten_ids=[], seed=2,
+              device="cpu")
+    pending = run_unlearn(spec, **kw).evidence
+    assert pending["references"]["status"] == "pending" and "p_values" not in pending
+    assert pending["statement"] == "forgetting not tested: references pending"
+    assert set(pending["intervals"]) == {"acc_forget", "acc_retain", "acc_test"}
+    assert sum(pending["per_class_accuracy"]["n"]) == pending["accuracy"]["audit_after"]["n"] == 15
+    path = tmp_path / "refs.npz"
+    path.write_bytes(references[0].stats)
+    for source in (references[0].stats, path):
+        ready = run_unlearn(spec, reference_stats=source, **kw).evidence
+        assert ready["references"] == {"k": 2, "status": "ready", "variance": "pooled"}
+        assert set(ready["p_values"]) == set(forget)
+        assert all(0 < p <= 1 for p in ready["p_values"].values())
+        assert ready["forget"]["n"] == 5 and ready["control"]["n"] == 5
+        assert ready["intervals"] == pending["intervals"]
+        assert forgetting_verdict(ready)["forgetting"] in {"tested", "test_has_no_power"}
+    checked = run_unlearn(spec, reference_stats=references[0].stats, verify="retrain", **kw)
+    assert checked.evidence["retrained"]["forget"]["n"] == 5  # retrain's own flag rate
+
+
+def test_reference_job_can_be_cancelled(spec):
+    with pytest.raises(Cancelled):
+        run_reference(spec, k=2, should_cancel=lambda: True, device="cpu")

@@ -27,3 +27,9 @@ def test_torch_free_engine_modules_stay_torch_free():
     loaded = _modules_after("import engine, engine.datasets, engine.errors, engine.arch_shapes")
     assert "numpy" in loaded
     assert "torch" not in loaded and "torchvision" not in loaded
+
+
+def test_the_verdict_helper_needs_neither_torch_nor_scipy():
+    loaded = _modules_after("import engine.evidence")
+    assert "numpy" in loaded
+    assert not loaded & {"torch", "scipy", "sklearn"}
