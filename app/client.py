@@ -230,6 +230,38 @@ class AuditVerification(TypedDict, total=False):
     first_bad_seq: int | None
 
 
+class Receipt(TypedDict, total=False):
+    """`GET /v1/deletion-requests/{id}/receipt` (schema `ReceiptPublic`): a signed receipt.
+    Check it with `lethe receipt verify` or the few lines of `docs/receipts.md`."""
+
+    format: str
+    issued_at: str
+    summary: str
+    issuer: dict[str, Any]
+    request: dict[str, Any]
+    model: dict[str, Any]
+    forgotten_ids: dict[str, Any]
+    versions: dict[str, Any]
+    job: dict[str, Any]
+    metrics: dict[str, Any]
+    retrain_reference: dict[str, Any] | None
+    forgetting_test: dict[str, Any]
+    verdict: dict[str, Any]
+    audit: dict[str, Any] | None
+    signature: dict[str, Any]
+
+
+class ReceiptKey(TypedDict, total=False):
+    """One public key of `GET /v1/receipts/keys` (schema `ReceiptKeyPublic`)."""
+
+    kid: str
+    alg: str
+    x: str
+    created_at: str
+    active: bool
+    retired_at: str | None
+
+
 #: Each resource type and the OpenAPI component schema it mirrors.
 SCHEMAS: dict[str, type] = {
     "DeletionRequestPublic": DeletionRequest,
@@ -238,6 +270,8 @@ SCHEMAS: dict[str, type] = {
     "VersionPublic": ModelVersion,
     "DatasetPublic": Dataset,
     "ChainVerification": AuditVerification,
+    "ReceiptPublic": Receipt,
+    "ReceiptKeyPublic": ReceiptKey,
 }
 
 
