@@ -64,7 +64,7 @@ class Dataset:
         n_images = len(self.images) if self.images is not None else len(self.files or ())
         if not (len(self.labels) == len(self.splits) == n_images == n):
             raise InvalidInput("ids, labels, splits and images must have one entry per sample")
-        self._position = {str(s): i for i, s in enumerate(self.ids)}
+        self._position = dict(zip(np.asarray(self.ids, dtype=str).tolist(), range(n), strict=True))
         if len(self._position) != n:
             raise InvalidInput("sample IDs must be unique")
         bad = set(np.unique(self.splits).tolist()) - {TRAIN, TEST}

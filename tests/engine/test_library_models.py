@@ -91,7 +91,8 @@ def test_descriptions_default_from_the_library_config_without_download():
     tv = describe_model("torchvision:resnet18", 10)
     assert tv.input_size == (3, 224, 224) and tv.preprocessing.resize == 256
     assert tv.preprocessing.mean == IMAGENET_MEAN
-    custom = describe_model("timm:test_resnet", 7, preprocessing={"interpolation": "bicubic", "crop": "squash"})
+    custom = describe_model("timm:test_resnet", 7,
+                            preprocessing={"interpolation": "bicubic", "crop": "squash"})
     assert custom.preprocessing.interpolation == "bicubic" and custom.preprocessing.mean == (0.5, 0.5, 0.5)
     # Stored as JSON by the API, read back without torch.
     assert ModelDescription.from_dict(small.to_dict()) == small
