@@ -72,14 +72,18 @@ class LibraryClassifier(Classifier):
         return self.net(x)  # type: ignore[no-any-return]
 
 
-def _timm_net(name: str, num_classes: int, in_chans: int) -> nn.Module:
+def _timm_net(name: str, num_classes: int, input_shape: tuple[int, int, int]) -> nn.Module:
     import timm
 
     if not timm.is_model(name):
         raise UnsupportedArchitecture(f"timm:{name}", f"timm {timm.__version__} has no such model; "
                                       f"supported: {SUPPORTED}")
+    kwargs: dict[str, Any] = {"num_classes": num_classes, "in_chans": input_shape[0]}
+    cfg = timm.get_pretrained_cfg(name)
+    if cfg is not None and cfg.fixed_input_size and tuple(cfg.input_size[1:]) != input_shape[1:]:
+        kwargs["img_size"] = input_shape[1:]  # e.g. a ViT's position embeddings follow the size
     try:
-        net = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+        net = timm.create_model(name, pretrained=False, **kwargs)
     except (TypeError, ValueError, RuntimeError, AssertionError) as exc:
         raise UnsupportedArchitecture(f"timm:{name}", f"timm cannot build it as a classifier: {exc}") from exc
     if not hasattr(net, "forward_head") or not hasattr(net, "get_classifier"):
@@ -145,12 +149,11 @@ def _torchvision_head_path(net: nn.Module, arch: str) -> str:
 def build_library_model(arch: str, num_classes: int, input_shape: tuple[int, int, int]) -> LibraryClassifier:
     """A freshly initialised `timm:`/`torchvision:` classifier (random weights, no download)."""
     library, name = split_arch(arch)
-    in_chans = input_shape[0]
     if library == "timm":
-        net = _timm_net(name, num_classes, in_chans)
+        net = _timm_net(name, num_classes, input_shape)
         return LibraryClassifier(net, _timm_head_path(net, arch), "timm")
     if library == "torchvision":
-        net = _torchvision_net(name, num_classes, in_chans)
+        net = _torchvision_net(name, num_classes, input_shape[0])
         return LibraryClassifier(net, _torchvision_head_path(net, arch), "torchvision")
     raise UnsupportedArchitecture(arch, f"not a library architecture; supported: {SUPPORTED}")
 

@@ -27,7 +27,8 @@ SHAPE = (3, 32, 32)
     ("arch", "plain", "head"),
     [
         ("timm:test_resnet", lambda: timm.create_model("test_resnet", num_classes=5), "fc"),
-        ("timm:test_vit", lambda: timm.create_model("test_vit", num_classes=5), "head"),
+        # A fixed-size model is built at the registered size: the user passes img_size too.
+        ("timm:test_vit", lambda: timm.create_model("test_vit", num_classes=5, img_size=64), "head"),
         ("torchvision:mobilenet_v3_small",
          lambda: torchvision.models.mobilenet_v3_small(num_classes=5), "classifier.3"),
         ("torchvision:shufflenet_v2_x0_5",
