@@ -7,8 +7,9 @@ subset of 512, one epoch), with the verification metrics (acc_retain on a 5,000-
 probe, acc_test on a fixed 1,000-sample test split). The work is the same at every size; only
 the dataset grows. Reported per size: the job process's RSS once torch, timm and the engine
 are imported (baseline) and its peak RSS, the largest decoding worker's own peak (VmHWM), and
-the peak RSS of the whole process tree (sampled every 0.1 s), next to what the images would
-take as one in-memory uint8 array.
+the peak RSS and the peak PSS (shared library pages divided among the processes that map
+them: the tree's real footprint) of the whole process tree, sampled every 0.1 s, next to what
+the images would take as one in-memory uint8 array.
 
     PYTHONPATH=$PWD .venv/bin/python scripts/byom_memory.py --root /tmp/byom-bench \
         --sizes 10000 50000 --workers 2
@@ -77,6 +78,15 @@ def _status_kib(pid: int, field: str) -> int:
     return 0
 
 
+def _pss_kib(pid: int) -> int:
+    """Proportional set size: shared library pages split among the processes mapping them."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    return 0
+
+
 def _tree(pid: int) -> list[int]:
     """`pid` and all its descendants, from /proc."""
     out, todo = [], [pid]
@@ -107,20 +117,22 @@ def run_job(manifest: Path, workers: int) -> dict[str, float]:
     torch.set_num_threads(max(1, (os.cpu_count() or 2) - workers))
     me = os.getpid()
     baseline = _status_kib(me, "VmRSS")  # the interpreter with torch, timm and the engine loaded
-    peak = {"tree": 0, "worker": 0}
+    peak = {"tree": 0, "tree_pss": 0, "worker": 0}
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
-            total = 0
+            total = pss = 0
             for p in _tree(me):
                 try:
                     total += _status_kib(p, "VmRSS")
+                    pss += _pss_kib(p)
                     if p != me:  # VmHWM: the child's own peak since its exec
                         peak["worker"] = max(peak["worker"], _status_kib(p, "VmHWM"))
                 except (FileNotFoundError, ProcessLookupError):
                     continue
             peak["tree"] = max(peak["tree"], total)
+            peak["tree_pss"] = max(peak["tree_pss"], pss)
             time.sleep(0.1)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -143,6 +155,7 @@ def run_job(manifest: Path, workers: int) -> dict[str, float]:
         "main_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "largest_worker_peak_mib": peak["worker"] / 1024,
         "tree_peak_mib": peak["tree"] / 1024,
+        "tree_pss_peak_mib": peak["tree_pss"] / 1024,
         "seconds": seconds,
         "steps": out.steps,
         "acc_test": out.metrics["acc_test"],
@@ -172,7 +185,7 @@ def main() -> None:
         result["in_memory_uint8_mib"] = n * 3 * SIDE * SIDE / 2**20
         rows.append(result)
     header = ("rows", "baseline_mib", "main_peak_mib", "largest_worker_peak_mib", "tree_peak_mib",
-              "in_memory_uint8_mib", "seconds", "steps")
+              "tree_pss_peak_mib", "in_memory_uint8_mib", "seconds", "steps")
     print(" | ".join(header))  # noqa: T201 - a command-line report
     for r in rows:
         print(" | ".join(f"{r[h]:.0f}" if isinstance(r[h], float) else str(r[h]) for h in header))  # noqa: T201
