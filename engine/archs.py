@@ -2,11 +2,13 @@
 
 Every model maps an image batch to logits as `head(features(x))`; `features` returns the
 penultimate representation the feature-constraint method pulls toward the random teacher.
-Parameter names and shapes match `engine.arch_shapes` exactly.
+Parameter names and shapes of the built-ins match `engine.arch_shapes` exactly; `timm:<name>`
+and `torchvision:<name>` models come from `engine.library_models`.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -28,6 +30,10 @@ class Classifier(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         logits: Tensor = self.head(self.features(x))
         return logits
+
+    def checkpoint_module(self) -> nn.Module:
+        """The module whose `state_dict` a checkpoint holds (a library model's own keys)."""
+        return self
 
 
 class SmallCNN(Classifier):
@@ -74,11 +80,20 @@ assert set(_REGISTRY) == set(ARCHITECTURES)
 def build_model(
     arch: str, num_classes: int, input_shape: tuple[int, int, int], *, seed: int | None = None
 ) -> Classifier:
-    """A freshly initialised model; with `seed`, the initialisation is reproducible."""
-    try:
-        factory = _REGISTRY[arch]
-    except KeyError:
-        raise UnknownName("architecture", arch, _REGISTRY) from None
+    """A freshly initialised model; with `seed`, the initialisation is reproducible.
+
+    `arch` is a built-in name, `timm:<name>` or `torchvision:<name>`."""
+    factory: Callable[[int, tuple[int, int, int]], Classifier]
+    if ":" in arch:  # `timm:<name>`, `torchvision:<name>`; another library is refused there
+        from engine.library_models import build_library_model
+
+        factory = functools.partial(build_library_model, arch)
+    else:
+        try:
+            factory = _REGISTRY[arch]
+        except KeyError:
+            known = [*_REGISTRY, "timm:<name>", "torchvision:<name>"]
+            raise UnknownName("architecture", arch, known) from None
     if seed is None:
         return factory(num_classes, input_shape)
     with torch.random.fork_rng(devices=[]):

@@ -7,6 +7,8 @@ sample IDs, labels and splits) without importing torch. Adapters:
                   is a stratified 4,000 / 1,000 train/test split drawn from `split_seed`.
 - `npz`           a file with arrays `x` (N,H,W[,C] or N,C,H,W), `y`, `ids`, optional `split`.
 - `image_folder`  a CSV manifest `sample_id,path,label[,split]`, paths relative to the CSV.
+- `manifest`      a CSV or Parquet manifest `sample_id,path,label[,split][,subject_id]` whose
+                  images stay on disk and are streamed (`engine.manifest`, `engine.streaming`).
 - `cifar10`, `cifar100`, `mnist`, `fashion_mnist`, `svhn`: the files torchvision leaves under
                   a local root (`download=False` layout); read here with numpy, never fetched.
 
@@ -27,12 +29,15 @@ import pickle
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
 from engine.errors import InvalidInput, TestSplitSamples, UnknownName, UnknownSampleIds
+
+if TYPE_CHECKING:
+    from engine.manifest import ImageFiles
 
 TRAIN, TEST = "train", "test"
 # The two halves of the held-out split (same strings as `app.vocab.Split`; a test keeps them equal).
@@ -57,16 +62,18 @@ class Dataset:
     ids: npt.NDArray[np.str_]
     labels: npt.NDArray[np.int64]
     splits: npt.NDArray[np.str_]
-    images: npt.NDArray[Any]
+    images: npt.NDArray[Any] | None  # None: the images stay on disk (`files`) and are streamed
     num_classes: int
+    files: ImageFiles | None = None
     _position: dict[str, int] = field(init=False, repr=False)
     _heldout: dict[str, npt.NDArray[np.int64]] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         n = len(self.ids)
-        if not (len(self.labels) == len(self.splits) == len(self.images) == n):
+        n_images = len(self.images) if self.images is not None else len(self.files or ())
+        if not (len(self.labels) == len(self.splits) == n_images == n):
             raise InvalidInput("ids, labels, splits and images must have one entry per sample")
-        self._position = {str(s): i for i, s in enumerate(self.ids)}
+        self._position = dict(zip(np.asarray(self.ids, dtype=str).tolist(), range(n), strict=True))
         if len(self._position) != n:
             raise InvalidInput("sample IDs must be unique")
         bad = set(np.unique(self.splits).tolist()) - {TRAIN, TEST}
@@ -78,6 +85,9 @@ class Dataset:
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
+        if self.images is None:
+            assert self.files is not None
+            return self.files.input_size
         c, h, w = self.images.shape[1:]
         return int(c), int(h), int(w)
 
@@ -344,7 +354,14 @@ def _load_svhn(spec: DatasetSpec, name: str) -> Dataset:
     return _from_parts(name, parts, 10)
 
 
+def _load_manifest(spec: DatasetSpec, name: str) -> Dataset:
+    from engine.manifest import load_manifest
+
+    return load_manifest(spec, name)
+
+
 ADAPTERS: dict[str, Callable[[DatasetSpec, str], Dataset]] = {
+    "manifest": _load_manifest,
     "mnist5k": _load_mnist5k,
     "npz": _load_npz,
     "image_folder": _load_image_folder,

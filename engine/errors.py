@@ -5,7 +5,12 @@
     │   ├── UnknownSampleIds      IDs the dataset does not contain
     │   ├── TestSplitSamples      IDs of held-out samples (never trained on, cannot be forgotten)
     │   ├── UnknownName           an architecture, dataset kind, method or balancer not registered
-    │   └── InvalidCheckpoint     a file that is not a loadable checkpoint for the architecture
+    │   │   └── UnsupportedArchitecture  a `timm:`/`torchvision:` name the library lacks
+    │   ├── HeadNotFound          a library model without a linear classifier Lethe can split off
+    │   ├── InvalidCheckpoint     a file that is not a loadable checkpoint for the architecture
+    │   │   └── CheckpointMismatch      missing, unexpected or mis-shaped tensors, each named
+    │   ├── PathOutsideDataset    manifest rows whose image path leaves the dataset folder
+    │   └── UnreadableImages      image files missing or undecodable, by sample ID
     └── Cancelled                 the job was cancelled; nothing is published
 
 The worker turns each into a failed (or cancelled) job with its evidence; the API maps
@@ -63,3 +68,63 @@ class InvalidCheckpoint(InvalidInput):
 
 class Cancelled(EngineError):
     code = "cancelled"
+
+
+class UnsupportedArchitecture(UnknownName):
+    code = "unsupported_architecture"
+
+    def __init__(self, name: str, reason: str) -> None:
+        self.what, self.name, self.known = "architecture", name, []
+        InvalidInput.__init__(self, f"unsupported architecture {name!r}: {reason}")
+
+
+class HeadNotFound(InvalidInput):
+    code = "head_not_found"
+
+
+class CheckpointMismatch(InvalidCheckpoint):
+    code = "checkpoint_mismatch"
+
+    def __init__(
+        self,
+        arch: str,
+        *,
+        missing: Iterable[str] = (),
+        unexpected: Iterable[str] = (),
+        mismatched: Iterable[tuple[str, tuple[int, ...], tuple[int, ...]]] = (),
+        limit: int = 20,
+    ) -> None:
+        self.missing, self.unexpected = sorted(missing), sorted(unexpected)
+        self.mismatched = sorted(mismatched)
+        parts = []
+        if self.missing:
+            parts.append(f"missing {len(self.missing)}: {_some(self.missing, limit)}")
+        if self.unexpected:
+            parts.append(f"unexpected {len(self.unexpected)}: {_some(self.unexpected, limit)}")
+        if self.mismatched:
+            shown = [f"{k} (file {list(got)}, model {list(want)})" for k, got, want in self.mismatched]
+            parts.append(f"mis-shaped {len(shown)}: {_some(shown, limit)}")
+        super().__init__(f"checkpoint does not fit {arch}: " + "; ".join(parts))
+
+
+class PathOutsideDataset(_SampleIdError):
+    code = "path_outside_dataset"
+    noun = "samples whose image path is absolute or leaves the dataset folder"
+
+
+class UnreadableImages(InvalidInput):
+    code = "unreadable_images"
+
+    def __init__(self, problems: dict[str, str], *, checked: int | None = None, limit: int = 20) -> None:
+        self.problems = dict(sorted(problems.items()))
+        self.ids = list(self.problems)
+        of = f" of {checked} checked" if checked is not None else ""
+        shown = [f"{k} ({v})" for k, v in list(self.problems.items())[:limit]]
+        more = f" (and {len(self.ids) - limit} more)" if len(self.ids) > limit else ""
+        super().__init__(f"{len(self.ids)} image files{of} missing or unreadable: "
+                         f"{', '.join(shown)}{more}")
+
+
+def _some(items: list[str], limit: int) -> str:
+    more = f" (and {len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more

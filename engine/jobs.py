@@ -29,14 +29,15 @@ from engine.datasets import Dataset, DatasetSpec, load_dataset
 from engine.errors import InvalidInput
 from engine.evidence import ALPHA, ReferenceStats, load_reference_stats
 from engine.methods import DEFAULT_METHOD
-from engine.metrics import infer, verification_metrics
+from engine.metrics import infer, retain_sample, verification_metrics
+from engine.model_desc import ModelDescription, is_library_arch
 from engine.references import DEFAULT_K, train_references
 from engine.runtime import CancelFn, DeviceData, Progress, ProgressFn, Reporter, pick_device
 from engine.training import Recipe, train_model
 from engine.unlearning import unlearn
 
-__all__ = ["JobOutput", "ModelSpec", "Progress", "Recipe", "ReferenceOutput", "run_reference",
-           "run_train", "run_unlearn"]
+__all__ = ["JobOutput", "ModelSpec", "Progress", "Recipe", "ReferenceOutput", "run_import",
+           "run_reference", "run_train", "run_unlearn"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,9 @@ class ModelSpec:
     num_classes: int
     dataset: DatasetSpec
     recipe: Recipe = field(default_factory=Recipe)
+    # Input size and preprocessing (stored at registration); None: the library's defaults for
+    # a `timm:`/`torchvision:` model, the dataset's images as they are for a built-in.
+    description: ModelDescription | None = None
 
 
 @dataclass
@@ -99,6 +103,22 @@ def _check_model(spec: ModelSpec, ds: Dataset) -> None:
         )
 
 
+def model_description(spec: ModelSpec) -> ModelDescription | None:
+    """The description jobs use: the stored one, else the library's defaults (built-ins: None)."""
+    if spec.description is not None:
+        return spec.description
+    if is_library_arch(spec.arch):
+        from engine.library_models import describe_model
+
+        return describe_model(spec.arch, spec.num_classes)
+    return None
+
+
+def device_data(spec: ModelSpec, ds: Dataset, device: str | None) -> DeviceData:
+    """The dataset as model-ready batches: in memory or streamed from disk, per the dataset."""
+    return DeviceData(ds, pick_device(device), model_description(spec))
+
+
 def _forget_indices(
     ds: Dataset, forget_ids: Sequence[str], forgotten_ids: Iterable[str]
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
@@ -120,7 +140,7 @@ def run_train(
     reporter.report(Progress("loading", 0, 0), force=True)
     ds = cached_dataset(spec.dataset)
     _check_model(spec, ds)
-    data = DeviceData(ds, pick_device(device))
+    data = device_data(spec, ds, device)
     train_idx = ds.retain_pool(exclude_ids)
     start = time.perf_counter()
     model, steps = train_model(spec.arch, spec.num_classes, data, train_idx, spec.recipe,
@@ -169,18 +189,21 @@ def run_unlearn(
     reporter.report(Progress("loading", 0, 0), force=True)
     ds = cached_dataset(spec.dataset)
     _check_model(spec, ds)
-    data = DeviceData(ds, pick_device(device))
+    data = device_data(spec, ds, device)
     forget_idx, retain_idx = _forget_indices(ds, forget_ids, forgotten_ids)
-    original = load_model(spec.arch, spec.num_classes, ds.input_shape, checkpoint,
+    original = load_model(spec.arch, spec.num_classes, data.dataset.input_shape, checkpoint,
                           device=data.device)
     stats = None if reference_stats is None else load_reference_stats(reference_stats)
     t_seed = seed if teacher_seed is None else teacher_seed
-    result = unlearn(
-        original, arch=spec.arch, num_classes=spec.num_classes, data=data,
-        forget_idx=forget_idx, retain_idx=retain_idx, recipe=spec.recipe, method=method,
-        options=options, teacher_seed=t_seed, seed=seed, verify=verify, reporter=reporter,
-        reference_stats=stats, alpha=alpha,
-    )
+    try:
+        result = unlearn(
+            original, arch=spec.arch, num_classes=spec.num_classes, data=data,
+            forget_idx=forget_idx, retain_idx=retain_idx, recipe=spec.recipe, method=method,
+            options=options, teacher_seed=t_seed, seed=seed, verify=verify, reporter=reporter,
+            reference_stats=stats, alpha=alpha,
+        )
+    finally:
+        data.close()
     return JobOutput(
         weights=state_to_bytes(result.model), metrics=result.metrics, method=result.method,
         method_config=result.method_config, teacher_seed=t_seed, seconds=result.seconds,
@@ -210,10 +233,13 @@ def run_reference(
     reporter.report(Progress("loading", 0, 0), force=True)
     ds = cached_dataset(spec.dataset)
     _check_model(spec, ds)
-    data = DeviceData(ds, pick_device(device))
+    data = device_data(spec, ds, device)
     pool = ds.retain_pool(exclude_ids)
-    stats = train_references(spec.arch, spec.num_classes, data, pool, spec.recipe, k=k,
-                             seed=seed, reporter=reporter)
+    try:
+        stats = train_references(spec.arch, spec.num_classes, data, pool, spec.recipe, k=k,
+                                 seed=seed, reporter=reporter)
+    finally:
+        data.close()
     meta = stats.meta
     reporter.report(Progress("verifying", meta["steps"], meta["steps"]), force=True)
     return ReferenceOutput(
@@ -237,14 +263,64 @@ def evaluate_checkpoint(
 ) -> dict[str, float]:
     """Recompute the verification metrics of a stored checkpoint (e.g. a downloaded one)."""
     ds = cached_dataset(spec.dataset)
-    data = DeviceData(ds, pick_device(device))
+    data = device_data(spec, ds, device)
+    shape = data.dataset.input_shape
     forget_idx, retain_idx = _forget_indices(ds, forget_ids, forgotten_ids)
-    model = load_model(spec.arch, spec.num_classes, ds.input_shape, checkpoint, device=data.device)
-    base = (load_model(spec.arch, spec.num_classes, ds.input_shape, original, device=data.device)
+    model = load_model(spec.arch, spec.num_classes, shape, checkpoint, device=data.device)
+    base = (load_model(spec.arch, spec.num_classes, shape, original, device=data.device)
             if original is not None else model)
-    teacher = build_model(spec.arch, spec.num_classes, ds.input_shape, seed=teacher_seed)
+    teacher = build_model(spec.arch, spec.num_classes, shape, seed=teacher_seed)
     with torch.no_grad():
         return verification_metrics(
             model, original=base, teacher=teacher.to(data.device).eval(), data=data,
             forget_idx=forget_idx, retain_idx=retain_idx, test_idx=ds.audit_indices,
         )
+
+
+def run_import(
+    spec: ModelSpec,
+    checkpoint: Path | str | bytes,
+    *,
+    on_progress: ProgressFn | None = None,
+    should_cancel: CancelFn | None = None,
+    device: str | None = None,
+) -> JobOutput:
+    """Check an uploaded checkpoint on a worker and make it version 1.
+
+    Builds the architecture (random weights, nothing downloaded), loads the safetensors file
+    strictly (never unpickled; `InvalidCheckpoint`/`CheckpointMismatch` name what does not
+    fit), checks that the model splits into features and head, then measures `acc_retain`
+    and `acc_test`. The returned weights are the file re-saved with the model's own keys."""
+    reporter = Reporter(on_progress, should_cancel)
+    reporter.report(Progress("loading", 0, 0), force=True)
+    ds = cached_dataset(spec.dataset)
+    _check_model(spec, ds)
+    desc = model_description(spec)
+    data = device_data(spec, ds, device)
+    try:
+        shape = data.dataset.input_shape
+        model = load_model(spec.arch, spec.num_classes, shape, checkpoint)
+        if is_library_arch(spec.arch):
+            from engine.library_models import check_split
+
+            check_split(model, shape)
+        model = model.to(data.device)
+        reporter.report(Progress("verifying", 0, 0), force=True)
+        start = time.perf_counter()
+        probe = retain_sample(ds.train_indices, seed=0)
+        metrics: dict[str, Any] = {
+            "acc_retain": float(infer(model, data, probe).correct().mean())
+            if len(probe) else float("nan"),
+            "acc_test": float(infer(model, data, ds.audit_indices).correct().mean())
+            if len(ds.audit_indices) else float("nan"),
+        }
+        reporter.check_cancel()
+        seconds = time.perf_counter() - start
+    finally:
+        data.close()
+    metrics.update(seconds=seconds, steps=0, device=str(data.device))
+    config: dict[str, Any] = {"description": desc.to_dict()} if desc is not None else {}
+    return JobOutput(
+        weights=state_to_bytes(model), metrics=metrics, method="import", method_config=config,
+        teacher_seed=None, seconds=seconds, steps=0, device=str(data.device),
+    )

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from engine.datasets import Dataset
 from engine.errors import Cancelled
+from engine.model_desc import ModelDescription
 
 
 def pick_device(preference: str | None = None) -> torch.device:
@@ -32,14 +33,67 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
 
 
 class DeviceData:
+    """A dataset as model-ready batches on one device: `batch(idx)` and `batches(idx, size)`.
+
+    Constructing `DeviceData(dataset, device, description)` picks the implementation the
+    dataset calls for: `InMemoryData` (the whole array moved to the device once; the fast path
+    for small sets) or `engine.streaming.StreamedData` (images decoded from disk per batch in
+    worker processes). Images come out as float32 in [0, 1], normalised with the model's
+    preprocessing mean and std when the `description` has them.
+    """
+
+    dataset: Dataset
+    device: torch.device
+
+    def __new__(cls, dataset: Dataset, device: torch.device, *args: Any, **kwargs: Any) -> DeviceData:
+        if cls is DeviceData:
+            if dataset.images is None:
+                from engine.streaming import StreamedData
+
+                return super().__new__(StreamedData)
+            return super().__new__(InMemoryData)
+        return super().__new__(cls)
+
+    def batch(self, idx: Tensor | npt.NDArray[np.int64]) -> tuple[Tensor, Tensor]:
+        """Images and their labels for the given positions."""
+        raise NotImplementedError
+
+    def batches(self, idx: npt.NDArray[np.int64], size: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """Fixed-order batches over `idx` (for evaluation)."""
+        for start in range(0, len(idx), size):
+            yield self.batch(idx[start : start + size])
+
+    def close(self) -> None:
+        """Release worker processes, if any."""
+
+
+def _normaliser(
+    description: ModelDescription | None, channels: int, device: torch.device
+) -> tuple[Tensor, Tensor] | None:
+    if description is None or description.preprocessing.is_identity:
+        return None
+    prep = description.preprocessing
+    mean = torch.tensor(prep.mean, dtype=torch.float32, device=device)
+    std = torch.tensor(prep.std, dtype=torch.float32, device=device)
+    if len(prep.mean) == 1:
+        mean, std = mean.expand(channels), std.expand(channels)
+    return mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
+
+
+class InMemoryData(DeviceData):
     """A dataset's images and labels moved to one device once, sliced by index per batch."""
 
-    def __init__(self, dataset: Dataset, device: torch.device) -> None:
+    def __init__(
+        self, dataset: Dataset, device: torch.device, description: ModelDescription | None = None
+    ) -> None:
+        if dataset.images is None:
+            raise ValueError("this dataset's images are on disk; use StreamedData")
         self.dataset = dataset
         self.device = device
         self.images = torch.from_numpy(np.ascontiguousarray(dataset.images)).to(device)
         self.labels = torch.from_numpy(dataset.labels).to(device)
         self._scale = 255.0 if dataset.images.dtype == np.uint8 else 1.0
+        self._norm = _normaliser(description, dataset.images.shape[1], device)
         if device.type == "cuda" and dataset.images.shape[1] == 3:
             self._memory_format = torch.channels_last
         else:
@@ -51,12 +105,9 @@ class DeviceData:
             idx = torch.from_numpy(np.asarray(idx, dtype=np.int64))
         idx = idx.to(self.device)
         x = self.images.index_select(0, idx).float().div_(self._scale)
+        if self._norm is not None:
+            x = x.sub_(self._norm[0]).div_(self._norm[1])
         return x.contiguous(memory_format=self._memory_format), self.labels.index_select(0, idx)
-
-    def batches(self, idx: npt.NDArray[np.int64], size: int) -> Iterator[tuple[Tensor, Tensor]]:
-        """Fixed-order batches over `idx` (for evaluation)."""
-        for start in range(0, len(idx), size):
-            yield self.batch(idx[start : start + size])
 
 
 class Sampler:

@@ -24,7 +24,8 @@ def test_engine_imports_no_fastapi_celery_or_sqlalchemy():
 
 
 def test_torch_free_engine_modules_stay_torch_free():
-    loaded = _modules_after("import engine, engine.datasets, engine.errors, engine.arch_shapes")
+    loaded = _modules_after("import engine, engine.datasets, engine.errors, engine.arch_shapes, "
+                            "engine.model_desc, engine.manifest")
     assert "numpy" in loaded
     assert "torch" not in loaded and "torchvision" not in loaded
 
