@@ -19,7 +19,7 @@ from tiny_problem import NUM_CLASSES, RECIPE
 import engine.unlearning as unlearning
 from engine.datasets import Dataset
 from engine.methods import METHODS, make_method
-from engine.runtime import DeviceData
+from engine.runtime import InMemoryData
 
 WATCHED_ATTRIBUTES = {"test_indices", "audit_indices", "heldout_partition", "splits"}
 
@@ -73,7 +73,7 @@ class WatchedDataset(Dataset):
         return super().__getattribute__(name)
 
 
-class WatchedData(DeviceData):
+class WatchedData(InMemoryData):
     def __init__(self, dataset: Dataset, watch: Watch) -> None:
         super().__init__(dataset, torch.device("cpu"))
         spy = WatchedDataset(name=dataset.name, ids=dataset.ids,
