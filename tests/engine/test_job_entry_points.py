@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -160,6 +161,7 @@ def test_unlearn_job_evidence_with_and_without_references(spec, trained, referen
         assert ready["forget"]["n"] == 5 and ready["control"]["n"] == 5
         assert ready["intervals"] == pending["intervals"]
         assert forgetting_verdict(ready)["forgetting"] in {"tested", "test_has_no_power"}
+        assert json.loads(json.dumps(ready, allow_nan=False)) == ready  # stored as a JSON column
     checked = run_unlearn(spec, reference_stats=references[0].stats, verify="retrain", **kw)
     assert checked.evidence["retrained"]["forget"]["n"] == 5  # retrain's own flag rate
 
