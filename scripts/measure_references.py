@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 
 from app.cli import DEMO_MODEL
 from engine.datasets import DatasetSpec
@@ -30,7 +31,7 @@ def main() -> None:
     train = run_train(spec, device=args.device)
     ref = run_reference(spec, k=args.k, device=args.device)
     ratio = ref.seconds / train.seconds
-    print(json.dumps({
+    sys.stdout.write(json.dumps({
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "device": ref.device,
         "recipe": DEMO_MODEL["recipe"],
@@ -42,7 +43,7 @@ def main() -> None:
         "ratio": round(ratio, 2),
         "stats_bytes": len(ref.stats),
         "amortised_ratio_per_request": {n: round(ratio / n, 4) for n in (10, 100, 1000)},
-    }, indent=2))
+    }, indent=2) + "\n")
 
 
 if __name__ == "__main__":
