@@ -190,6 +190,20 @@ class Model(TypedDict, total=False):
     created_at: str
 
 
+class References(TypedDict, total=False):
+    """`GET /v1/models/{name}/references` (schema `ReferencesPublic`)."""
+
+    status: str
+    k: int | None
+    seconds: float | None
+    train_seconds: float | None
+    cost_ratio: float | None
+    pool_size: int | None
+    created_at: str | None
+    finished_at: str | None
+    job_id: str | None
+
+
 class ModelVersion(TypedDict, total=False):
     """`GET /v1/models/{name}/versions/{n}` (schema `VersionPublic`)."""
 
@@ -268,6 +282,7 @@ SCHEMAS: dict[str, type] = {
     "JobPublic": Job,
     "ModelPublic": Model,
     "VersionPublic": ModelVersion,
+    "ReferencesPublic": References,
     "DatasetPublic": Dataset,
     "ChainVerification": AuditVerification,
     "ReceiptPublic": Receipt,
@@ -552,6 +567,10 @@ class LetheClient:
     def get_model(self, name: str) -> Model:
         """`GET /v1/models/{name}`."""
         return cast(Model, self._json("GET", f"/v1/models/{name}"))
+
+    def get_references(self, name: str) -> References:
+        """`GET /v1/models/{name}/references`."""
+        return cast(References, self._json("GET", f"/v1/models/{name}/references"))
 
     def list_models(self, *, limit: int | None = 100) -> list[Model]:
         """`GET /v1/models`."""

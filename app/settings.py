@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     sweeper_interval_s: float = 10.0
     max_attempts: int = 5
 
+    # Reference statistics (DESIGN.md §2a): a `reference` job of K trainings is scheduled when
+    # a model's version 1 is registered (`LETHE_REFERENCES=off` schedules none).
+    references: bool = True
+    reference_k: int = Field(default=8, ge=2)
+
     # Callbacks (signed webhooks).
     webhook_signing_secret: SecretStr = SecretStr(DEV_SIGNING_SECRET)
     callback_interval_s: float = 2.0

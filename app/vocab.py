@@ -63,6 +63,18 @@ class JobKind(StrEnum):
     IMPORT = "import"
 
 
+class ReferenceStatus(StrEnum):
+    """A model's reference statistics: their job's status until they are stored (`ready`);
+    `none` when no reference job was ever scheduled for the model (references were off)."""
+
+    NONE = "none"
+    QUEUED = "queued"
+    RUNNING = "running"
+    READY = "ready"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
 class JobPhase(StrEnum):
     QUEUED = "queued"
     LOADING = "loading"

@@ -4,6 +4,7 @@ Layout under the root (one shared volume in production):
 
     {root}/{model}/checkpoints/{sha256}.safetensors   the weights, named by their digest
     {root}/{model}/manifests/{sha256}.json            a manifest, named by its own digest
+    {root}/{model}/references/{sha256}.npz            reference statistics (never weights)
 
 Every file is written under `{root}/.incoming/` (same filesystem), fsynced, renamed into place
 with `os.replace` and the directory fsynced; a name that already exists is never rewritten
@@ -155,6 +156,15 @@ class Store:
             os.fsync(f.fileno())
         self._commit_temp(tmp, final)
 
+    def put_reference_stats(self, model: str, data: bytes) -> tuple[Path, str]:
+        """Store a model's reference statistics (`.npz` bytes, never weights) under
+        `{model}/references/{sha256}.npz`, atomically (scratch file, fsync, rename); returns
+        the path and the sha256. Content-addressed: the same bytes are written once."""
+        sha = hashlib.sha256(data).hexdigest()
+        final = self._dir(model, "references") / f"{sha}.npz"
+        self._write_bytes(final, data)
+        return final, sha
+
     def put(self, model: str, data: bytes, manifest: dict[str, Any]) -> StoredCheckpoint:
         """Store checkpoint bytes and their manifest; see `put_file`."""
         return self.put_file(model, io.BytesIO(data), manifest)
@@ -259,9 +269,12 @@ class Store:
                     removed += 1
         return removed
 
-    def remove_unreferenced(self, model: str, keep: Iterable[str]) -> int:
-        """Delete `model`'s checkpoint and manifest files whose store-relative path is not in
-        `keep` (the paths its version rows name); returns how many.
+    def remove_unreferenced(
+        self, model: str, keep: Iterable[str], subs: tuple[str, ...] = ("checkpoints", "manifests")
+    ) -> int:
+        """Delete `model`'s files under `subs` (checkpoint and manifest files by default;
+        `("references",)` for reference statistics) whose store-relative path is not in
+        `keep` (the paths its rows name); returns how many.
 
         Such files come from a publish that never committed: a writer killed between its
         files and the version row. Call it only while no publish of `model` can commit (a job
@@ -270,7 +283,7 @@ class Store:
         """
         kept = set(keep)
         removed = 0
-        for sub in ("checkpoints", "manifests"):
+        for sub in subs:
             folder = self._dir(model, sub)
             if not folder.is_dir():
                 continue

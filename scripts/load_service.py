@@ -102,7 +102,7 @@ def setup(tmp: Path, url: str, var: Path, checkpoint_mb: int) -> dict[str, Any]:
     from models_store import Store
 
     upgrade(url)
-    settings = Settings(var_dir=var, database_url=url, run_background_loops=False)
+    settings = Settings(var_dir=var, database_url=url, run_background_loops=False, references=False)
     engine = create_db_engine(url)
     sessions = create_session_factory(engine)
     store = Store(settings.store_path)
@@ -131,6 +131,7 @@ def setup(tmp: Path, url: str, var: Path, checkpoint_mb: int) -> dict[str, Any]:
                         num_classes=2,
                         recipe=RECIPE,
                         checkpoint=f,
+                        settings=settings,
                         policy=POLICY,
                         max_bytes=settings.max_checkpoint_bytes,
                     )

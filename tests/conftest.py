@@ -213,6 +213,7 @@ class Deployment:
                 num_classes=4,
                 recipe=RECIPE,
                 checkpoint=io.BytesIO(checkpoint_bytes()),
+                settings=self.settings,
                 policy=LENIENT_POLICY if policy is None else policy,
             )
 
@@ -261,7 +262,10 @@ class Deployment:
 
 
 def make_deployment(tmp_path: Path, database_url: str | None, **settings_kw: Any) -> Deployment:
-    """Migrate, create an admin key and register the tiny npz dataset as `tiny`."""
+    """Migrate, create an admin key and register the tiny npz dataset as `tiny`.
+
+    Reference jobs are off unless a test asks for them (`references=True`): they cost K
+    trainings per registered model."""
     from app.db import create_db_engine, create_session_factory
     from app.db.migrate import upgrade
     from app.services import datasets
@@ -273,7 +277,7 @@ def make_deployment(tmp_path: Path, database_url: str | None, **settings_kw: Any
         var_dir=tmp_path / "var",
         database_url=database_url or "",
         run_background_loops=False,
-        **settings_kw,
+        **{"references": False, **settings_kw},
     )
     if database_url is None:
         upgrade(settings.database_url)

@@ -49,6 +49,7 @@ from celery.signals import worker_shutting_down
 from app.errors import StaleAttempt
 from app.queue import QUEUE, RUN_JOB
 from app.services import jobs as job_service
+from app.services import references as reference_service
 from app.settings import Settings, get_settings
 from app.vocab import JobKind, JobPhase, JobStatus
 from engine.errors import Cancelled, InvalidInput
@@ -57,7 +58,7 @@ from models_store import Store
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
-    from engine.jobs import JobOutput, Progress
+    from engine.jobs import JobOutput, ModelSpec, Progress, ReferenceOutput
 
 log = logging.getLogger(__name__)
 
@@ -255,12 +256,12 @@ def _error_text(exc: BaseException) -> str:
     return text[:MAX_ERROR_CHARS]
 
 
-def _execute(ticket: job_service.JobTicket, reporter: _JobReporter) -> JobOutput:
-    """Run the engine for a claimed job (imports torch: call only in the job's process)."""
+def _spec(ticket: job_service.JobTicket) -> ModelSpec:
+    """The engine's view of the ticket's model (imports the engine)."""
     from engine.datasets import DatasetSpec
-    from engine.jobs import ModelSpec, Recipe, run_train, run_unlearn
+    from engine.jobs import ModelSpec, Recipe
 
-    spec = ModelSpec(
+    return ModelSpec(
         arch=ticket.arch,
         num_classes=int(ticket.num_classes),
         dataset=DatasetSpec(
@@ -270,6 +271,13 @@ def _execute(ticket: job_service.JobTicket, reporter: _JobReporter) -> JobOutput
         ),
         recipe=Recipe.from_dict(dict(ticket.recipe)),
     )
+
+
+def _execute(ticket: job_service.JobTicket, reporter: _JobReporter) -> JobOutput:
+    """Run the engine for a claimed job (imports torch: call only in the job's process)."""
+    from engine.jobs import run_train, run_unlearn
+
+    spec = _spec(ticket)
     if ticket.kind == JobKind.TRAIN or ticket.base_checkpoint is None:
         return run_train(
             spec,
@@ -292,7 +300,55 @@ def _execute(ticket: job_service.JobTicket, reporter: _JobReporter) -> JobOutput
         teacher_seed=ticket.teacher_seed,
         on_progress=reporter.on_progress,
         should_cancel=reporter.should_cancel,
+        reference_stats=ticket.reference_stats,
     )
+
+
+def _execute_reference(ticket: job_service.JobTicket, reporter: _JobReporter) -> ReferenceOutput:
+    """Compute a model's reference statistics (K trainings from its recipe, excluding the
+    lineage's tombstones at run time); no weights outlive the call."""
+    from engine.jobs import run_reference
+
+    options = dict(ticket.method_options)
+    return run_reference(
+        _spec(ticket),
+        k=int(options["k"]),
+        seed=int(options.get("seed", ticket.teacher_seed)),
+        exclude_ids=list(ticket.forgotten_ids),
+        on_progress=reporter.on_progress,
+        should_cancel=reporter.should_cancel,
+    )
+
+
+def _run_reference(
+    ticket: job_service.JobTicket,
+    reporter: _JobReporter,
+    sessions: SessionFactory,
+    store: Store,
+    worker: str,
+) -> list[str]:
+    """The body of a `reference` job: compute, then store the statistics and mark them ready."""
+    output = _execute_reference(ticket, reporter)
+    if reporter.lost_claim:
+        raise _LostClaim
+    reporter.set_phase(JobPhase.PUBLISHING)
+    if reporter.lost_claim:
+        raise _LostClaim
+    with sessions() as session:
+        return reference_service.complete_references(
+            session,
+            store,
+            ticket.job_id,
+            stats=output.stats,
+            k=output.k,
+            seconds=output.seconds,
+            seconds_per_reference=list(output.seconds_per_reference),
+            pool_size=output.pool_size,
+            steps=output.steps,
+            device=output.device,
+            attempt=ticket.attempt,
+            worker=worker,
+        )
 
 
 def run_job(
@@ -329,7 +385,7 @@ def run_job(
         return JobRun(job_id, "skipped")
     log.info("job %s (%s, attempt %s) claimed by %s", job_id, ticket.kind, ticket.attempt, worker)
     if ticket.attempt > 1:
-        _clean_store(sessions, store, ticket.model_name)
+        _clean_store(sessions, store, ticket.model_name, references=ticket.kind == JobKind.REFERENCE)
 
     reporter = _JobReporter(
         sessions,
@@ -341,6 +397,11 @@ def run_job(
     follow_ups: list[str] = []
     try:
         with reporter:
+            if ticket.kind == JobKind.REFERENCE:
+                follow_ups = _run_reference(ticket, reporter, sessions, store, worker)
+                _enqueue(sessions, enqueue, follow_ups)
+                log.info("job %s finished: reference statistics ready", job_id)
+                return JobRun(job_id, JobStatus.SUCCEEDED, "references ready", tuple(follow_ups))
             output = _execute(ticket, reporter)
             if reporter.lost_claim:
                 raise _LostClaim
@@ -409,16 +470,22 @@ def run_job(
     )
 
 
-def _clean_store(sessions: SessionFactory, store: Store, model: str) -> None:
+def _clean_store(sessions: SessionFactory, store: Store, model: str, *, references: bool) -> None:
     """An earlier attempt of this job died, perhaps while publishing: remove the scratch files
-    of dead store writers and the model's files no version names (written, never committed).
-    Nothing else can publish for the model now (its jobs run one at a time and the earlier
-    attempt lost its claim). A failure here is logged and never touches the job."""
+    of dead store writers and the model's files no row names (written, never committed).
+    For a line job: checkpoints and manifests no version names (nothing else can publish for
+    the model now: its line runs one job at a time and the earlier attempt lost its claim).
+    For a `reference` job: statistics files the references row does not name (the model has
+    one reference job at a time). A failure here is logged and never touches the job."""
     try:
         scratch = store.clean_temp()
         with sessions() as session:
-            keep = job_service.published_files(session, model)
-        orphans = store.remove_unreferenced(model, keep)
+            if references:
+                keep = job_service.reference_files(session, model)
+            else:
+                keep = job_service.published_files(session, model)
+        subs = ("references",) if references else ("checkpoints", "manifests")
+        orphans = store.remove_unreferenced(model, keep, subs)
     except Exception:
         log.warning("could not clean the store after a lost attempt", exc_info=True)
         return

@@ -22,6 +22,7 @@ from app.api.schemas import (
     ModelPublic,
     ModelTrainCreate,
     ModelUploadMetadata,
+    ReferencesPublic,
     VersionList,
     VersionPublic,
     link,
@@ -33,7 +34,7 @@ from app.errors import (
     RangeNotSatisfiable,
     ValidationFailed,
 )
-from app.services import models
+from app.services import models, references
 from app.services.apikeys import Principal
 from app.vocab import Scope
 
@@ -196,6 +197,7 @@ async def create_model(
         "num_classes": spec.num_classes,
         "recipe": spec.recipe.model_dump(),
         "policy": spec.policy_overrides(),
+        "settings": settings,
     }
 
     def register() -> models.Registered:
@@ -211,12 +213,12 @@ async def create_model(
             )
 
     reg = await run_in_threadpool(register)
+    for job_id in reg.dispatch:
+        await run_in_threadpool(request.app.state.dispatcher.enqueue, job_id)
     if upload is not None:
         return JSONResponse(
             reg.body, status_code=201, headers={"Location": f"/v1/models/{spec.name}"}
         )
-    if reg.enqueue_job_id:
-        await run_in_threadpool(request.app.state.dispatcher.enqueue, reg.enqueue_job_id)
     return JSONResponse(
         reg.body, status_code=202, headers={"Location": f"/v1/jobs/{reg.enqueue_job_id}"}
     )
@@ -252,6 +254,14 @@ def get_model(
 ) -> Any:
     """One model: latest version, forgotten count, pending requests, policy."""
     return models.get_model(session, name)
+
+
+@router.get("/{name}/references", response_model=ReferencesPublic, responses=PROBLEM_RESPONSES)
+def get_references(
+    name: NamePath, session: SessionDep, _: Annotated[Principal, Depends(require(Scope.MODELS_READ))]
+) -> Any:
+    """The model's reference statistics: status, K, cost against one training, pool size."""
+    return references.get_references(session, name)
 
 
 @router.get(

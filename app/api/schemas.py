@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
 from app.errors import PROBLEM_JSON
-from app.vocab import JobKind, JobPhase, JobStatus, RequestStatus, VerifyMode
+from app.vocab import JobKind, JobPhase, JobStatus, ReferenceStatus, RequestStatus, VerifyMode
 from engine.arch_shapes import ARCHITECTURES
 from engine.catalog import DEFAULT_METHOD, METHOD_NAMES, METHODS, OPTIMIZERS
 from engine.datasets import ADAPTERS
@@ -297,6 +297,24 @@ class ModelList(BaseModel):
 
     items: list[ModelPublic]
     next_cursor: str | None
+
+
+class ReferencesPublic(BaseModel):
+    """A model's reference statistics: status, K and cost (DESIGN.md §2a)."""
+
+    status: ReferenceStatus = Field(
+        description="`ready` once stored; before that, the reference job's status"
+    )
+    k: int | None = Field(description="How many reference models were (or will be) trained")
+    seconds: float | None = Field(description="Wall seconds of the K reference trainings")
+    train_seconds: float | None = Field(
+        description="Seconds of the model's own version-1 training (None for an upload)"
+    )
+    cost_ratio: float | None = Field(description="seconds / train_seconds, when both are known")
+    pool_size: int | None = Field(description="Training samples the references were drawn from")
+    created_at: str | None
+    finished_at: str | None
+    job_id: str | None = Field(description="The `reference` job computing them")
 
 
 class VersionPublic(_Open):

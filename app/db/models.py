@@ -323,3 +323,25 @@ class Receipt(Base):
     body: Mapped[str] = mapped_column(Text)
     sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime]
+
+
+class ModelReference(Base):
+    """A model's reference statistics (DESIGN.md §2a): the job computing them, their status
+    and cost, and the statistics file once ready. Statistics only, never weights."""
+
+    __tablename__ = "model_references"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), unique=True)
+    job_id: Mapped[str | None] = mapped_column(String(40))
+    status: Mapped[str] = mapped_column(String(16))
+    k: Mapped[int] = mapped_column(Integer)
+    seed: Mapped[int] = mapped_column(Integer)
+    seconds: Mapped[float | None]
+    seconds_per_reference: Mapped[list[Any] | None] = mapped_column(JSON)
+    train_seconds: Mapped[float | None]
+    pool_size: Mapped[int | None]
+    stats_path: Mapped[str | None] = mapped_column(String(500))
+    stats_sha256: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime]
+    finished_at: Mapped[datetime | None]
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)

@@ -31,7 +31,9 @@ from app.services.common import Page, decode_cursor, encode_cursor
 from app.services.datasets import check_name, get_dataset_row
 from app.services.jobs import create_job
 from app.services.policy import merge_policy
+from app.services.references import schedule_references
 from app.services.transactions import read_only, unit_of_work
+from app.settings import Settings
 from app.vocab import OPEN_REQUEST_STATUSES, JobKind
 from engine import errors as engine_errors
 from engine.arch_shapes import ARCHITECTURES, param_shapes
@@ -44,6 +46,13 @@ class Registered:
 
     body: dict[str, Any]
     enqueue_job_id: str | None
+    #: The model's `reference` job, to dispatch too (None when references are off).
+    reference_job_id: str | None = None
+
+    @property
+    def dispatch(self) -> list[str]:
+        """Every job the registration queued, to send to the broker after commit."""
+        return [j for j in (self.enqueue_job_id, self.reference_job_id) if j]
 
     @property
     def job_id(self) -> str | None:
@@ -141,9 +150,12 @@ def register_model_train(
     architecture: str,
     num_classes: int,
     recipe: dict[str, Any],
+    settings: Settings,
     policy: dict[str, Any] | None = None,
 ) -> Registered:
-    """Register a model whose version 1 a queued train job will produce."""
+    """Register a model whose version 1 a queued train job will produce, with its reference
+    job (when `settings.references`): both queued in the registration's transaction. The
+    references need only the recipe and the dataset, so they do not wait for version 1."""
     with unit_of_work(session):
         ds = _check_spec(
             session, name=name, dataset=dataset, architecture=architecture, num_classes=num_classes
@@ -159,10 +171,11 @@ def register_model_train(
         _add_model(session, model)
         _record_registration(session, actor=principal.name, model=model, dataset=dataset, init="train")
         job = create_job(session, model, kind=JobKind.TRAIN, method="train", actor=principal.name)
+        ref_id = schedule_references(session, model, settings=settings, actor=principal.name)
     with read_only(session):
         body = model_public(session, model)
     body["job_id"] = job.id
-    return Registered(body, job.id)
+    return Registered(body, job.id, ref_id)
 
 
 def _add_model(session: Session, model: ModelRow) -> None:
@@ -186,10 +199,12 @@ def register_model_upload(
     num_classes: int,
     recipe: dict[str, Any],
     checkpoint: BinaryIO,
+    settings: Settings,
     policy: dict[str, Any] | None = None,
     max_bytes: int | None = None,
 ) -> Registered:
-    """Register a model from an uploaded safetensors checkpoint: version 1, no parent."""
+    """Register a model from an uploaded safetensors checkpoint: version 1, no parent; its
+    reference job (when `settings.references`) is queued in the same transaction."""
     with read_only(session):
         ds = _check_spec(
             session, name=name, dataset=dataset, architecture=architecture, num_classes=num_classes
@@ -230,8 +245,9 @@ def register_model_upload(
                 "method": "upload",
             },
         )
+        ref_id = schedule_references(session, model, settings=settings, actor=principal.name)
     with read_only(session):
-        return Registered(model_public(session, model), None)
+        return Registered(model_public(session, model), None, ref_id)
 
 
 def _upload_manifest(

@@ -299,6 +299,7 @@ def test_bulk_request_of_many_ids(deployment: Any, tmp_path: Any) -> None:
             architecture="small_cnn",
             num_classes=4,
             recipe={},
+            settings=deployment.settings,
         )
     sub = deployment.submit("bigm", [f"b{i:06d}" for i in range(20000)])
     assert sub.body["sample_count"] == 20000

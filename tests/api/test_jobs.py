@@ -352,6 +352,7 @@ def test_train_job_publishes_version_one(deployment: Any, make_checkpoint: Any) 
             architecture="small_cnn",
             num_classes=4,
             recipe={"optimizer": "sgd", "lr": 0.1, "epochs": 1, "batch_size": 8, "seed": 3},
+            settings=deployment.settings,
         )
     assert reg.body["latest_version"] is None and reg.job_id
     train, _ = deployment.ids()
@@ -378,6 +379,7 @@ def test_unlearn_without_a_version_fails_cleanly(deployment: Any) -> None:
             architecture="small_cnn",
             num_classes=4,
             recipe={},
+            settings=deployment.settings,
         )
     train, _ = deployment.ids()
     pending = deployment.submit("t", train[:2])

@@ -68,7 +68,8 @@ def live_api(deployment: Any, make_checkpoint: Any) -> Iterator[tuple[str, Any]]
     train, _ = deployment.ids()
     done = deployment.submit("m", train[:3])
     with deployment.sessions() as s:
-        ticket = jobs.claim_job(s, done.enqueue_job_id, "contract", heartbeat_timeout_s=60)
+        ticket = jobs.claim_job(s, done.enqueue_job_id, "contract", heartbeat_timeout_s=60,
+                                store=deployment.store)
     deployment.complete(ticket.job_id, make_checkpoint(seed=1), teacher_seed=ticket.teacher_seed)
     deployment.submit("m", train[3:6], subject_ref="dsr-1")
     port = _free_port()

@@ -105,6 +105,8 @@ def service_env(env_overrides: dict[str, str], var_dir: Path) -> dict[str, str]:
         LETHE_VAR_DIR=str(var_dir),
         LETHE_ENVIRONMENT="development",
         LETHE_SWEEPER_INTERVAL_S="2",
+        # Reference jobs cost K trainings per registered model: on only where a test asks.
+        LETHE_REFERENCES="off",
         PYTHONUNBUFFERED="1",
         CUDA_VISIBLE_DEVICES="",
         OMP_NUM_THREADS="1",

@@ -22,13 +22,15 @@ from app.settings import Settings
 from models_store import Store
 
 
-def _world(tmp_path: Path, database_url: str | None) -> Iterator[World]:
+def _world(tmp_path: Path, database_url: str | None, *, references: bool = False) -> Iterator[World]:
     var = tmp_path / "var"
     settings = Settings(
         var_dir=var,
         database_url=database_url or "",
         run_background_loops=False,
         heartbeat_timeout_s=30.0,
+        references=references,
+        reference_k=2,
     )
     upgrade(settings.database_url)
     engine = create_db_engine(settings.database_url)
@@ -60,3 +62,18 @@ def any_world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]
         yield from _world(tmp_path, None)
     else:
         yield from _world(tmp_path, request.getfixturevalue("pg_database_url"))
+
+
+@pytest.fixture
+def ref_world(tmp_path: Path) -> Iterator[World]:
+    """The embedded deployment with reference jobs on (K = 2)."""
+    yield from _world(tmp_path, None, references=True)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def any_ref_world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
+    """Reference jobs on (K = 2), once on SQLite and once on PostgreSQL."""
+    if request.param == "sqlite":
+        yield from _world(tmp_path, None, references=True)
+    else:
+        yield from _world(tmp_path, request.getfixturevalue("pg_database_url"), references=True)

@@ -45,7 +45,7 @@ class World:
             reg = model_service.register_model_train(
                 s, principal=self.principal, name=name, dataset="tiny",
                 architecture="small_cnn", num_classes=4, recipe=recipe or TINY_RECIPE,
-                policy=LENIENT_POLICY if policy is None else policy,
+                settings=self.settings, policy=LENIENT_POLICY if policy is None else policy,
             )
         return str(reg.job_id)
 

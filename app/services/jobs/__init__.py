@@ -25,6 +25,7 @@ from app.services.jobs.endings import cancel_in_transaction, cancel_job, fail_jo
 from app.services.jobs.lifecycle import (
     audit_job_queued,
     create_job,
+    create_reference_job,
     job_queued_event,
     mark_enqueued,
     record_progress,
@@ -37,6 +38,7 @@ from app.services.jobs.queries import (
     list_jobs,
     next_queued_job_id,
     published_files,
+    reference_files,
 )
 
 __all__ = [
@@ -49,6 +51,7 @@ __all__ = [
     "claim_job",
     "complete_job",
     "create_job",
+    "create_reference_job",
     "fail_job",
     "find_stale_jobs",
     "get_job",
@@ -60,4 +63,5 @@ __all__ = [
     "next_queued_job_id",
     "published_files",
     "record_progress",
+    "reference_files",
 ]

@@ -24,17 +24,19 @@ from app.db.models import DatasetRow, DeletionRequest, Job, ModelRow
 from app.db.types import utcnow
 from app.services.audit import append_event
 from app.services.jobs.endings import fail_job, finish_requests, mark_cancelled
+from app.services.jobs.lifecycle import reference_job_moved
 from app.services.jobs.queries import (
     load_job,
     load_model,
     open_requests,
     pending_forget_ids,
+    reference_row,
     tombstoned,
     version_path,
     waits_for_earlier_job,
 )
 from app.services.transactions import unit_of_work
-from app.vocab import FINAL_JOB_STATUSES, JobKind, JobPhase, JobStatus, RequestStatus
+from app.vocab import FINAL_JOB_STATUSES, JobKind, JobPhase, JobStatus, ReferenceStatus, RequestStatus
 from models_store import Store
 
 DEFAULT_MAX_ATTEMPTS = 5
@@ -66,6 +68,9 @@ class JobTicket:
     teacher_seed: int
     attempt: int
     input_shape: tuple[int, int, int] = (1, 28, 28)
+    #: The model's ready reference statistics (absolute path) for an unlearning job; None
+    #: while they are not ready (the job's evidence then says "references pending").
+    reference_stats: str | None = None
 
 
 @dataclass(frozen=True)
@@ -144,7 +149,10 @@ def _nothing(session: Session) -> None:
 
 def _take(session: Session, job_id: str, worker: str, *, now: datetime, cutoff: datetime) -> _Claim | None:
     """The conditional UPDATE that makes `worker` the job's owner; None when another claim,
-    the job's state or its place in the line prevents it."""
+    the job's state or its place in the line prevents it, or the job waits for its model's
+    reference statistics (policy `wait_for_references`)."""
+    if _waits_for_references(session, job_id):
+        return None
     claimed = session.execute(
         update(Job)
         .where(Job.id == job_id)
@@ -176,11 +184,30 @@ def _take(session: Session, job_id: str, worker: str, *, now: datetime, cutoff: 
     return _Claim(job, model, open_requests(session, job.id), worker, now)
 
 
+#: Job kinds that unlearn (they read the model's reference statistics).
+_UNLEARNING_KINDS = (JobKind.UNLEARN, JobKind.RETRAIN)
+#: Reference statistics that are still being computed.
+_PENDING_REFERENCES = (ReferenceStatus.QUEUED, ReferenceStatus.RUNNING)
+
+
+def _waits_for_references(session: Session, job_id: str) -> bool:
+    """True for an unlearning job of a model whose policy says `wait_for_references` while
+    its references are queued or running; the reference job's end enqueues it again."""
+    job = session.get(Job, job_id)
+    if job is None or job.kind not in _UNLEARNING_KINDS:
+        return False
+    model = load_model(session, job.model_id)
+    if not bool((model.policy or {}).get("wait_for_references", False)):
+        return False
+    row = reference_row(session, model.id)
+    return row is not None and row.status in _PENDING_REFERENCES
+
+
 def _refusal(claim: _Claim) -> AfterClaim | None:
     """What ends a claimed job that has nothing to run on: a deletion job whose requests were
     all cancelled, or an unlearning job of a model with no published version."""
     job = claim.job
-    if job.kind != JobKind.TRAIN and not claim.requests:
+    if job.kind not in (JobKind.TRAIN, JobKind.REFERENCE) and not claim.requests:
         return functools.partial(mark_cancelled, job_id=job.id, actor="system")
     if job.kind == JobKind.UNLEARN and claim.model.latest_version is None:
         error = "the model has no published version to unlearn from"
@@ -196,8 +223,9 @@ def _start(session: Session, claim: _Claim, store: Store) -> JobTicket | None:
     base_path = None
     if base_version is not None:
         base_path = str(store.resolve(version_path(session, model.id, base_version)))
-    forget_ids = pending_forget_ids(session, job) if job.kind != JobKind.TRAIN else []
-    if job.kind != JobKind.TRAIN and not forget_ids:
+    unlearning = job.kind not in (JobKind.TRAIN, JobKind.REFERENCE)
+    forget_ids = pending_forget_ids(session, job) if unlearning else []
+    if unlearning and not forget_ids:
         _succeed_without_work(session, claim)
         return None
     job.base_version = base_version
@@ -205,6 +233,7 @@ def _start(session: Session, claim: _Claim, store: Store) -> JobTicket | None:
         req.status = RequestStatus.RUNNING
         req.started_at = req.started_at or claim.now
     forgotten = sorted(set(tombstoned(session, model.id)) | set(forget_ids))
+    reference_job_moved(session, job)
     append_event(
         session,
         actor=claim.actor,
@@ -219,7 +248,7 @@ def _start(session: Session, claim: _Claim, store: Store) -> JobTicket | None:
             "request_ids": [r.id for r in claim.requests],
         },
     )
-    return _ticket(session, claim, base_path, forget_ids, forgotten)
+    return _ticket(session, claim, store, base_path, forget_ids, forgotten)
 
 
 def _succeed_without_work(session: Session, claim: _Claim) -> None:
@@ -250,11 +279,20 @@ def _succeed_without_work(session: Session, claim: _Claim) -> None:
 
 
 def _ticket(
-    session: Session, claim: _Claim, base_path: str | None, forget_ids: list[str], forgotten: list[str]
+    session: Session,
+    claim: _Claim,
+    store: Store,
+    base_path: str | None,
+    forget_ids: list[str],
+    forgotten: list[str],
 ) -> JobTicket:
     job, model = claim.job, claim.model
     dataset = session.get(DatasetRow, model.dataset_id)
     assert dataset is not None
+    stats = None
+    row = reference_row(session, model.id) if job.kind in _UNLEARNING_KINDS else None
+    if row is not None and row.status == ReferenceStatus.READY and row.stats_path:
+        stats = str(store.resolve(row.stats_path))
     return JobTicket(
         job_id=job.id,
         kind=job.kind,
@@ -275,4 +313,5 @@ def _ticket(
         teacher_seed=int(job.teacher_seed),
         attempt=job.attempts,
         input_shape=(dataset.in_channels, dataset.height, dataset.width),
+        reference_stats=stats,
     )

@@ -16,6 +16,7 @@ from app.db.types import utcnow
 from app.errors import NotCancellable
 from app.services.audit import append_event
 from app.services.callbacks import enqueue_callback
+from app.services.jobs.lifecycle import reference_job_moved
 from app.services.jobs.queries import (
     check_attempt,
     get_job,
@@ -91,6 +92,7 @@ def fail_job(
         job.status, job.phase, job.finished_at = JobStatus.FAILED, JobPhase.DONE, utcnow()
         job.error = {"code": code, "message": error}
         session.flush()
+        reference_job_moved(session, job)
         who = actor or f"worker:{job.worker}"
         requests = open_requests(session, job.id)
         finish_requests(session, job, model, requests, status=RequestStatus.FAILED, actor=who,
@@ -110,6 +112,7 @@ def cancel_in_transaction(session: Session, job: Job, model: ModelRow, *, actor:
     """Cancel `job` and its open requests inside the caller's transaction (no commit)."""
     job.status, job.phase, job.finished_at = JobStatus.CANCELLED, JobPhase.DONE, utcnow()
     session.flush()
+    reference_job_moved(session, job)
     requests = open_requests(session, job.id)
     finish_requests(session, job, model, requests, status=RequestStatus.CANCELLED, actor=actor)
     append_event(

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from app.db.models import Job, ModelRow
+from app.db.models import Job, ModelReference, ModelRow
 from app.db.types import utcnow
 from app.services.audit import Event, append_events
 from app.services.common import new_id
@@ -89,6 +89,46 @@ def create_job(
     if audit:
         audit_job_queued(session, job, model.name, actor=actor)
     return job
+
+
+def create_reference_job(
+    session: Session, model: ModelRow, *, k: int, actor: str
+) -> Job:
+    """Queue the model's `reference` job and its `model_references` row (caller commits).
+
+    The job takes a position like any other, but it is not part of the model's version line:
+    `queries.waits_for_earlier_job` ignores it both ways and it publishes no version. A model
+    has one row; scheduling again (a new base) resets it to `queued` for the new job.
+    """
+    job = create_job(
+        session, model, kind=JobKind.REFERENCE, method="reference", actor=actor,
+        method_options={"k": int(k)},
+    )
+    job.method_options = {"k": int(k), "seed": int(job.teacher_seed)}
+    row = session.scalar(select(ModelReference).where(ModelReference.model_id == model.id))
+    if row is None:
+        row = ModelReference(model_id=model.id, created_at=utcnow())
+        session.add(row)
+    row.job_id, row.status, row.k, row.seed = job.id, JobStatus.QUEUED, int(k), int(job.teacher_seed)
+    row.seconds = row.seconds_per_reference = row.pool_size = None
+    row.stats_path = row.stats_sha256 = None
+    row.finished_at, row.error = None, None
+    session.flush()
+    return job
+
+
+def reference_job_moved(session: Session, job: Job) -> None:
+    """Mirror a `reference` job's new status (running, failed, cancelled) on its model's
+    `model_references` row, in the caller's transaction; other kinds are ignored."""
+    if job.kind != JobKind.REFERENCE:
+        return
+    row = session.scalar(select(ModelReference).where(ModelReference.job_id == job.id))
+    if row is None:
+        return
+    row.status = job.status
+    if job.status in (JobStatus.FAILED, JobStatus.CANCELLED):
+        row.finished_at, row.error = job.finished_at, job.error
+    session.flush()
 
 
 def mark_enqueued(session: Session, job_ids: list[str]) -> None:

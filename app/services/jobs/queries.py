@@ -15,13 +15,21 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, exists, func, or_, select
 from sqlalchemy.orm import Session, aliased
 
-from app.db.models import DeletionRequest, Job, ModelRow, ModelVersion, RequestSample, Tombstone
+from app.db.models import (
+    DeletionRequest,
+    Job,
+    ModelReference,
+    ModelRow,
+    ModelVersion,
+    RequestSample,
+    Tombstone,
+)
 from app.db.types import utcnow
 from app.errors import JobNotFound, StaleAttempt
 from app.services.common import Page, decode_cursor, encode_cursor
 from app.services.transactions import read_only
 from app.services.views import job_public
-from app.vocab import ACTIVE_JOB_STATUSES, OPEN_REQUEST_STATUSES, JobStatus
+from app.vocab import ACTIVE_JOB_STATUSES, OPEN_REQUEST_STATUSES, JobKind, JobStatus
 
 
 def load_job(session: Session, job_id: str, *, lock: bool = False, fresh: bool = False) -> Job:
@@ -59,14 +67,20 @@ def check_attempt(job: Job, attempt: int | None, worker: str | None) -> None:
 
 
 def waits_for_earlier_job() -> ColumnElement[bool]:
-    """True for a job that is not its model's turn: an earlier job of the model is still
-    queued or running (jobs of one model run strictly in `position` order)."""
+    """True for a job that is not its model's turn: an earlier job of the model's version
+    line is still queued or running (jobs of one model run strictly in `position` order).
+
+    `reference` jobs are outside the line: one never waits, and none is waited for."""
     earlier = aliased(Job)
-    return exists(
-        select(earlier.id)
-        .where(earlier.model_id == Job.model_id)
-        .where(earlier.position < Job.position)
-        .where(earlier.status.in_(ACTIVE_JOB_STATUSES))
+    return and_(
+        Job.kind != JobKind.REFERENCE,
+        exists(
+            select(earlier.id)
+            .where(earlier.model_id == Job.model_id)
+            .where(earlier.position < Job.position)
+            .where(earlier.kind != JobKind.REFERENCE)
+            .where(earlier.status.in_(ACTIVE_JOB_STATUSES))
+        ),
     )
 
 
@@ -142,10 +156,12 @@ def version_metrics(session: Session, model_id: int, version: int | None) -> dic
 
 
 def next_queued_job_id(session: Session, model_id: int) -> str | None:
-    """The model's earliest queued job, if it is now claimable (nothing running before it)."""
+    """The model's earliest queued job of its version line, if it is now claimable (nothing
+    running before it; `reference` jobs are not in the line)."""
     first = session.scalar(
         select(Job)
         .where(Job.model_id == model_id)
+        .where(Job.kind != JobKind.REFERENCE)
         .where(Job.status.in_(ACTIVE_JOB_STATUSES))
         .order_by(Job.position)
         .limit(1)
@@ -175,6 +191,22 @@ def find_stale_jobs(session: Session, *, queued_grace_s: float, heartbeat_timeou
     )
     with read_only(session):
         return list(session.scalars(stmt))
+
+
+def reference_row(session: Session, model_id: int) -> ModelReference | None:
+    """The model's `model_references` row (None when no reference job was ever scheduled)."""
+    return session.scalar(select(ModelReference).where(ModelReference.model_id == model_id))
+
+
+def reference_files(session: Session, model_name: str) -> set[str]:
+    """Store-relative paths of the statistics files the model's references row names."""
+    with read_only(session):
+        path = session.scalar(
+            select(ModelReference.stats_path)
+            .join(ModelRow, ModelRow.id == ModelReference.model_id)
+            .where(ModelRow.name == model_name)
+        )
+    return {path} if path else set()
 
 
 def published_files(session: Session, model_name: str) -> set[str]:
