@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,28 +33,30 @@ from engine.runtime import autocast
 from engine.training import OPTIMIZERS, make_optimizer
 
 
-class BadTeacher(Method):
+@dataclass(frozen=True)
+class BadTeacherConfig:
+    retain_fraction: float = 0.3
+    temperature: float = 1.0
+    lr: float = 1e-4
+    optimizer: str = "adam"
+    epochs: float = 1.0  # passes over forget set + retain subset
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if not 0 < self.retain_fraction <= 1:
+            raise InvalidInput("retain_fraction must be in (0, 1]")
+        if self.optimizer not in OPTIMIZERS:
+            raise InvalidInput(f"optimizer must be one of {OPTIMIZERS}")
+        if min(self.temperature, self.lr, self.epochs) <= 0 or self.batch_size < 1:
+            raise InvalidInput("temperature, lr, epochs and batch_size must be positive")
+
+
+class BadTeacher(Method[BadTeacherConfig]):
     name = "bad_teacher"
-
-    @dataclass(frozen=True)
-    class Config:
-        retain_fraction: float = 0.3
-        temperature: float = 1.0
-        lr: float = 1e-4
-        optimizer: str = "adam"
-        epochs: float = 1.0  # passes over forget set + retain subset
-        batch_size: int = 64
-
-        def __post_init__(self) -> None:
-            if not 0 < self.retain_fraction <= 1:
-                raise InvalidInput("retain_fraction must be in (0, 1]")
-            if self.optimizer not in OPTIMIZERS:
-                raise InvalidInput(f"optimizer must be one of {OPTIMIZERS}")
-            if min(self.temperature, self.lr, self.epochs) <= 0 or self.batch_size < 1:
-                raise InvalidInput("temperature, lr, epochs and batch_size must be positive")
+    Config = BadTeacherConfig
 
     def run(self, ctx: UnlearnContext) -> MethodOutput:
-        cfg = cast("BadTeacher.Config", self.config)
+        cfg = self.config
         rng = ctx.generator(salt=1)
         n_retain = max(1, math.ceil(cfg.retain_fraction * len(ctx.retain_idx)))
         retain_sub = rng.choice(ctx.retain_idx, size=n_retain, replace=False)

@@ -38,7 +38,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -171,47 +171,51 @@ def _last_shared_parameter(model: Classifier) -> nn.Parameter:
     return shared[-1]
 
 
-class FeatureConstraint(Method):
+@dataclass(frozen=True)
+class FeatureConstraintConfig:
+    balancer: str = "dwa"
+    feature_loss: str = "mse"
+    recovery_fraction: float = 0.1
+    recovery_count: int | None = None
+    batch_size: int = 64
+    forget_batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.001
+    momentum: float = 0.9
+    max_epochs: float = 5.0
+    min_steps: int = 3  # updates before the method may stop or select a checkpoint
+    early_stop: bool = True
+    tolerance: float = 0.01
+    heldout_probe: int = 256
+    stall_ratio: float = 0.75
+    max_pressure: float = 4.0
+
+    def __post_init__(self) -> None:
+        if self.balancer not in BALANCERS:
+            raise InvalidInput(f"balancer must be one of {BALANCERS}")
+        if self.feature_loss not in FEATURE_LOSSES:
+            raise InvalidInput(f"feature_loss must be one of {FEATURE_LOSSES}")
+        if not 0 < self.recovery_fraction <= 1:
+            raise InvalidInput("recovery_fraction must be in (0, 1]")
+        if self.lr <= 0 or self.max_epochs <= 0 or self.batch_size < 1:
+            raise InvalidInput("lr, max_epochs and batch_size must be positive")
+        if self.min_steps < 1:
+            raise InvalidInput("min_steps must be >= 1: the original model is never a result")
+
+
+class FeatureConstraint(Method[FeatureConstraintConfig]):
     name = "feature_constraint"
-
-    @dataclass(frozen=True)
-    class Config:
-        balancer: str = "dwa"
-        feature_loss: str = "mse"
-        recovery_fraction: float = 0.1
-        recovery_count: int | None = None
-        batch_size: int = 64
-        forget_batch_size: int = 128
-        optimizer: str = "sgd"
-        lr: float = 0.001
-        momentum: float = 0.9
-        max_epochs: float = 5.0
-        min_steps: int = 4
-        early_stop: bool = True
-        tolerance: float = 0.01
-        heldout_probe: int = 256
-        stall_ratio: float = 0.75
-        max_pressure: float = 4.0
-
-        def __post_init__(self) -> None:
-            if self.balancer not in BALANCERS:
-                raise InvalidInput(f"balancer must be one of {BALANCERS}")
-            if self.feature_loss not in FEATURE_LOSSES:
-                raise InvalidInput(f"feature_loss must be one of {FEATURE_LOSSES}")
-            if not 0 < self.recovery_fraction <= 1:
-                raise InvalidInput("recovery_fraction must be in (0, 1]")
-            if self.lr <= 0 or self.max_epochs <= 0 or self.batch_size < 1:
-                raise InvalidInput("lr, max_epochs and batch_size must be positive")
+    Config = FeatureConstraintConfig
 
     def recovery_subset(self, ctx: UnlearnContext) -> npt.NDArray[np.int64]:
         """Dr': a random subset of the retain pool (a count, or a fraction of it)."""
-        cfg = cast("FeatureConstraint.Config", self.config)
+        cfg = self.config
         n = cfg.recovery_count or math.ceil(cfg.recovery_fraction * len(ctx.retain_idx))
         n = max(1, min(n, len(ctx.retain_idx)))
         return np.sort(ctx.generator(salt=1).choice(ctx.retain_idx, size=n, replace=False))
 
     def run(self, ctx: UnlearnContext) -> MethodOutput:
-        cfg = cast("FeatureConstraint.Config", self.config)
+        cfg = self.config
         recovery_idx = self.recovery_subset(ctx)
         monitor = forget_monitor(ctx, recovery_idx, cfg.heldout_probe)
         model = freeze_batchnorm(ctx.student())
@@ -245,6 +249,9 @@ class FeatureConstraint(Method):
         retain_acc: float | None = None
         forget_order = rng.permutation(ctx.forget_idx)
         for step in range(1, total + 1):
+            # The statistics of this step are read off its forward pass, before its update:
+            # they describe the model after `updates` optimisation steps (none at step 1).
+            updates = step - 1
             start = ((step - 1) % window) * forget_bs
             if start == 0 and step > 1:
                 forget_order = rng.permutation(ctx.forget_idx)
@@ -277,18 +284,18 @@ class FeatureConstraint(Method):
             recovered = retain_acc >= monitor.retain_acc - cfg.tolerance
             if monitor.complete:
                 gap = monitor.distance() + max(0.0, monitor.retain_acc - retain_acc)
-                # Candidates are the models the stopping rule could also have returned (from
-                # `min_steps` on): never the untouched original of step 1.
-                if step >= cfg.min_steps and (best is None or gap < best[0]):
-                    best = (gap, step, copy.deepcopy(model.state_dict()))
+                # Candidates are the models the stopping rule could also have returned (after
+                # `min_steps` updates): never the untouched original.
+                if updates >= cfg.min_steps and (best is None or gap < best[0]):
+                    best = (gap, updates, copy.deepcopy(model.state_dict()))
                 if step % window == 0:  # a full pass since the last look: is forgetting stalling?
                     if last_pass_gap is not None and gap > cfg.stall_ratio * last_pass_gap:
                         pressure = min(pressure * 2.0, cfg.max_pressure)
                     last_pass_gap = gap
             # Stop as soon as the forget set looks never-trained-on and retained data is back
             # to the original's accuracy; the statistics describe the model as it is now.
-            if cfg.early_stop and step >= cfg.min_steps and forgotten and recovered:
-                stopped_at = step
+            if cfg.early_stop and updates >= cfg.min_steps and forgotten and recovered:
+                stopped_at = updates
                 history.append({"step": step, **stats, "stopped": True})
                 break
             # Forgotten but not yet recovered: spend the step on recovery alone.
@@ -306,7 +313,7 @@ class FeatureConstraint(Method):
             history.append({"step": step, "losses": values, "weights": weights, **stats})
             ctx.step("unlearning", step, total, values, weights)
 
-        steps = stopped_at or total
+        steps = stopped_at if stopped_at is not None else total
         if stopped_at is None and best is not None and cfg.early_stop:
             model.load_state_dict(best[2])
         model.eval()
@@ -320,6 +327,7 @@ class FeatureConstraint(Method):
                 "loss_threshold": monitor.loss_threshold,
                 "recovery_size": int(len(recovery_idx)),
                 "stopped_early": stopped_at is not None,
-                "selected_step": stopped_at or (best[1] if best else steps),
+                "selected_step": (stopped_at if stopped_at is not None
+                                  else best[1] if best else steps),
             },
         )

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from torch import nn
 
@@ -37,32 +37,34 @@ from engine.runtime import Sampler, autocast
 from engine.training import OPTIMIZERS, make_optimizer
 
 
-class NegGradPlus(Method):
+@dataclass(frozen=True)
+class NegGradPlusConfig:
+    beta: float = 0.95
+    epochs: float = 1.0  # passes over the retain pool
+    lr: float = 0.01
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    batch_size: int = 64
+    forget_batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if not 0 < self.beta < 1:
+            raise InvalidInput("beta must be in (0, 1)")
+        if self.optimizer not in OPTIMIZERS:
+            raise InvalidInput(f"optimizer must be one of {OPTIMIZERS}")
+        if self.epochs <= 0 or self.lr <= 0 or min(self.batch_size, self.forget_batch_size) < 1:
+            raise InvalidInput("epochs, lr and batch sizes must be positive")
+        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
+            raise InvalidInput("weight_decay must be >= 0 and momentum in [0, 1)")
+
+
+class NegGradPlus(Method[NegGradPlusConfig]):
     name = "neggrad_plus"
-
-    @dataclass(frozen=True)
-    class Config:
-        beta: float = 0.95
-        epochs: float = 1.0  # passes over the retain pool
-        lr: float = 0.01
-        optimizer: str = "sgd"
-        momentum: float = 0.9
-        weight_decay: float = 0.0
-        batch_size: int = 64
-        forget_batch_size: int = 64
-
-        def __post_init__(self) -> None:
-            if not 0 < self.beta < 1:
-                raise InvalidInput("beta must be in (0, 1)")
-            if self.optimizer not in OPTIMIZERS:
-                raise InvalidInput(f"optimizer must be one of {OPTIMIZERS}")
-            if self.epochs <= 0 or self.lr <= 0 or min(self.batch_size, self.forget_batch_size) < 1:
-                raise InvalidInput("epochs, lr and batch sizes must be positive")
-            if self.weight_decay < 0 or not 0 <= self.momentum < 1:
-                raise InvalidInput("weight_decay must be >= 0 and momentum in [0, 1)")
+    Config = NegGradPlusConfig
 
     def run(self, ctx: UnlearnContext) -> MethodOutput:
-        cfg = cast("NegGradPlus.Config", self.config)
+        cfg = self.config
         model = freeze_batchnorm(ctx.student())
         opt = make_optimizer(model.parameters(), cfg.optimizer, cfg.lr,
                              momentum=cfg.momentum, weight_decay=cfg.weight_decay)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -47,39 +47,41 @@ def _batches(order: npt.NDArray[np.int64], size: int) -> list[npt.NDArray[np.int
     return [order[i : i + size] for i in range(0, len(order), size)]
 
 
-class Scrub(Method):
+@dataclass(frozen=True)
+class ScrubConfig:
+    epochs: int = 3  # sgda_epochs
+    max_epochs: int = 2  # msteps: epochs that start with a pass of max-steps
+    lr: float = 1e-3
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    temperature: float = 4.0  # kd_T
+    gamma: float = 0.99  # weight of CE in min-steps
+    alpha: float = 0.001  # weight of KL in min-steps
+    retain_fraction: float = 1.0  # of the retain pool per min pass
+    batch_size: int = 128  # retain batch
+    forget_batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise InvalidInput(f"optimizer must be one of {OPTIMIZERS}")
+        if self.epochs < 1 or not 0 <= self.max_epochs <= self.epochs:
+            raise InvalidInput("epochs must be >= 1 and max_epochs in [0, epochs]")
+        if min(self.lr, self.temperature) <= 0 or min(self.batch_size,
+                                                      self.forget_batch_size) < 1:
+            raise InvalidInput("lr, temperature and batch sizes must be positive")
+        if min(self.gamma, self.alpha, self.weight_decay) < 0 or not 0 <= self.momentum < 1:
+            raise InvalidInput("gamma, alpha, weight_decay >= 0 and momentum in [0, 1)")
+        if not 0 < self.retain_fraction <= 1:
+            raise InvalidInput("retain_fraction must be in (0, 1]")
+
+
+class Scrub(Method[ScrubConfig]):
     name = "scrub"
-
-    @dataclass(frozen=True)
-    class Config:
-        epochs: int = 3  # sgda_epochs
-        max_epochs: int = 2  # msteps: epochs that start with a pass of max-steps
-        lr: float = 1e-3
-        optimizer: str = "sgd"
-        momentum: float = 0.9
-        weight_decay: float = 5e-4
-        temperature: float = 4.0  # kd_T
-        gamma: float = 0.99  # weight of CE in min-steps
-        alpha: float = 0.001  # weight of KL in min-steps
-        retain_fraction: float = 1.0  # of the retain pool per min pass
-        batch_size: int = 128  # retain batch
-        forget_batch_size: int = 32
-
-        def __post_init__(self) -> None:
-            if self.optimizer not in OPTIMIZERS:
-                raise InvalidInput(f"optimizer must be one of {OPTIMIZERS}")
-            if self.epochs < 1 or not 0 <= self.max_epochs <= self.epochs:
-                raise InvalidInput("epochs must be >= 1 and max_epochs in [0, epochs]")
-            if min(self.lr, self.temperature) <= 0 or min(self.batch_size,
-                                                          self.forget_batch_size) < 1:
-                raise InvalidInput("lr, temperature and batch sizes must be positive")
-            if min(self.gamma, self.alpha, self.weight_decay) < 0 or not 0 <= self.momentum < 1:
-                raise InvalidInput("gamma, alpha, weight_decay >= 0 and momentum in [0, 1)")
-            if not 0 < self.retain_fraction <= 1:
-                raise InvalidInput("retain_fraction must be in (0, 1]")
+    Config = ScrubConfig
 
     def run(self, ctx: UnlearnContext) -> MethodOutput:
-        cfg = cast("Scrub.Config", self.config)
+        cfg = self.config
         rng = ctx.generator(salt=1)
         n_retain = max(1, math.ceil(cfg.retain_fraction * len(ctx.retain_idx)))
         max_per_epoch = math.ceil(len(ctx.forget_idx) / cfg.forget_batch_size)

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -69,40 +69,42 @@ def noise_labels(forget_labels: npt.NDArray[np.int64], size: int) -> npt.NDArray
     return np.repeat(classes, share).astype(np.int64)
 
 
-class Unsir(Method):
+@dataclass(frozen=True)
+class UnsirConfig:
+    noise_batch_size: int = 32  # distinct noise images, split over forgotten classes
+    noise_steps: int = 40
+    noise_lr: float = 0.1
+    noise_lambda: float = 0.1
+    noise_ratio: float = 0.5  # noise images (repeated) per retain-subset image in impair
+    retain_fraction: float = 0.3
+    impair_lr: float = 0.02
+    repair_lr: float = 0.01
+    impair_epochs: float = 1.0
+    repair_epochs: float = 1.0
+    optimizer: str = "adam"
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise InvalidInput(f"optimizer must be one of {OPTIMIZERS}")
+        if min(self.noise_batch_size, self.batch_size) < 1 or self.noise_steps < 0:
+            raise InvalidInput("batch sizes must be >= 1 and noise_steps >= 0")
+        if min(self.noise_lr, self.impair_lr, self.repair_lr) <= 0:
+            raise InvalidInput("learning rates must be positive")
+        if self.noise_lambda < 0 or self.noise_ratio <= 0:
+            raise InvalidInput("noise_lambda must be >= 0 and noise_ratio > 0")
+        if self.impair_epochs < 0 or self.repair_epochs < 0:
+            raise InvalidInput("impair_epochs and repair_epochs must be >= 0")
+        if not 0 < self.retain_fraction <= 1:
+            raise InvalidInput("retain_fraction must be in (0, 1]")
+
+
+class Unsir(Method[UnsirConfig]):
     name = "unsir"
-
-    @dataclass(frozen=True)
-    class Config:
-        noise_batch_size: int = 32  # distinct noise images, split over forgotten classes
-        noise_steps: int = 40
-        noise_lr: float = 0.1
-        noise_lambda: float = 0.1
-        noise_ratio: float = 0.5  # noise images (repeated) per retain-subset image in impair
-        retain_fraction: float = 0.3
-        impair_lr: float = 0.02
-        repair_lr: float = 0.01
-        impair_epochs: float = 1.0
-        repair_epochs: float = 1.0
-        optimizer: str = "adam"
-        batch_size: int = 64
-
-        def __post_init__(self) -> None:
-            if self.optimizer not in OPTIMIZERS:
-                raise InvalidInput(f"optimizer must be one of {OPTIMIZERS}")
-            if min(self.noise_batch_size, self.batch_size) < 1 or self.noise_steps < 0:
-                raise InvalidInput("batch sizes must be >= 1 and noise_steps >= 0")
-            if min(self.noise_lr, self.impair_lr, self.repair_lr) <= 0:
-                raise InvalidInput("learning rates must be positive")
-            if self.noise_lambda < 0 or self.noise_ratio <= 0:
-                raise InvalidInput("noise_lambda must be >= 0 and noise_ratio > 0")
-            if self.impair_epochs < 0 or self.repair_epochs < 0:
-                raise InvalidInput("impair_epochs and repair_epochs must be >= 0")
-            if not 0 < self.retain_fraction <= 1:
-                raise InvalidInput("retain_fraction must be in (0, 1]")
+    Config = UnsirConfig
 
     def run(self, ctx: UnlearnContext) -> MethodOutput:
-        cfg = cast("Unsir.Config", self.config)
+        cfg = self.config
         rng = ctx.generator(salt=1)
         labels_np = noise_labels(ctx.data.dataset.labels[ctx.forget_idx], cfg.noise_batch_size)
         n_retain = max(1, math.ceil(cfg.retain_fraction * len(ctx.retain_idx)))
@@ -162,7 +164,7 @@ class Unsir(Method):
     def _train(self, model: nn.Module, ctx: UnlearnContext, x: Tensor, y: Tensor, lr: float,
                steps: int, rng: np.random.Generator, report: Any) -> None:
         """`steps` CE steps over (x, y) in shuffled batches (a fresh shuffle per pass)."""
-        cfg = cast("Unsir.Config", self.config)
+        cfg = self.config
         opt = make_optimizer(model.parameters(), cfg.optimizer, lr)
         per_pass = math.ceil(len(y) / cfg.batch_size)
         order = torch.from_numpy(rng.permutation(len(y))).to(ctx.device)

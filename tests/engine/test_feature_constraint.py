@@ -119,3 +119,19 @@ def test_partition_check_refuses_a_retain_pool_holding_forgotten_samples(problem
     with pytest.raises(InvalidInput, match="training split"):
         check_partition(problem.data, problem.test_idx[:2], problem.retain_idx)
     assert NUM_CLASSES == 4
+
+
+@pytest.mark.parametrize("min_steps", [1, 2])
+def test_the_untouched_original_is_never_returned(problem: Problem, min_steps: int):
+    # Typical retained samples look unseen to the original model already, so the stopping
+    # rule is satisfied by the statistics of the very first forward pass. Those statistics
+    # describe the model before any update: stopping (or selecting a checkpoint) there would
+    # publish the original again.
+    typical = problem.retain_idx[:16]
+    ctx = problem.context(forget_idx=typical)
+    out = make_method("feature_constraint", {**OPTIONS, "min_steps": min_steps}).run(ctx)
+    before, after = problem.original.state_dict(), out.model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert out.steps >= min_steps and out.extra["selected_step"] >= min_steps
+    with pytest.raises(InvalidInput, match="min_steps"):
+        make_method("feature_constraint", {"min_steps": 0})
