@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tiny_problem import NUM_CLASSES, Problem
+from tiny_problem import NUM_CLASSES, RECIPE, Problem
 
 from engine.errors import Cancelled, InvalidInput
 from engine.methods import DEFAULT_METHOD, make_method
@@ -135,3 +135,26 @@ def test_the_untouched_original_is_never_returned(problem: Problem, min_steps: i
     assert out.steps >= min_steps and out.extra["selected_step"] >= min_steps
     with pytest.raises(InvalidInput, match="min_steps"):
         make_method("feature_constraint", {"min_steps": 0})
+
+
+def test_the_budget_floor_gives_a_small_absent_class_the_steps_it_needs(problem: Problem):
+    # Class 1 fits in one forget batch: a pass over it is one step, so the pass-based budget
+    # (5 passes, doubled for an absent class) is 10 steps, and the class is still recognised.
+    ds = problem.data.dataset
+    train = ds.train_indices
+    gone = train[ds.labels[train] == 1]
+    options = {"batch_size": 32, "forget_batch_size": 128}
+    without = make_method("feature_constraint", options).run(problem.context(forget_idx=gone))
+    floor = make_method("feature_constraint", {**options, "budget_floor": 0.25}).run(
+        problem.context(forget_idx=gone))
+    retain = len(train) - len(gone)
+    train_steps = RECIPE.epochs * int(np.ceil(retain / RECIPE.batch_size))
+    assert without.steps == 10
+    assert floor.steps == int(np.ceil(0.25 * train_steps * 2))
+    assert problem.acc(floor.model, gone) <= problem.acc(without.model, gone) - 0.3
+    others = problem.test_idx[ds.labels[problem.test_idx] != 1]
+    assert problem.acc(floor.model, others) >= 0.9
+    # Sample-level deletions (no class gone) are untouched by the floor.
+    a = make_method("feature_constraint", {**OPTIONS, "budget_floor": 0.25}).run(problem.context())
+    b = make_method("feature_constraint", OPTIONS).run(problem.context())
+    assert a.steps == b.steps
