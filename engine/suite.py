@@ -336,11 +336,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, default=Path("var/suite-robust.json"),
                    help="records, rewritten after every run")
     p.add_argument("--resume", action="store_true", help="keep the records already in --json")
+    p.add_argument("--report", action="store_true",
+                   help="print the report of the records in --json and run nothing")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.report:
+        sys.stdout.write(format_report(json.loads(args.json.read_text())) + "\n")
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     configurations = (args.configs.split(",") if args.configs

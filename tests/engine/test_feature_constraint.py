@@ -144,7 +144,8 @@ def test_the_budget_floor_gives_a_small_absent_class_the_steps_it_needs(problem:
     train = ds.train_indices
     gone = train[ds.labels[train] == 1]
     options = {"batch_size": 32, "forget_batch_size": 128}
-    without = make_method("feature_constraint", options).run(problem.context(forget_idx=gone))
+    without = make_method("feature_constraint", {**options, "budget_floor": 0.0}).run(
+        problem.context(forget_idx=gone))
     floor = make_method("feature_constraint", {**options, "budget_floor": 0.25}).run(
         problem.context(forget_idx=gone))
     retain = len(train) - len(gone)
@@ -156,5 +157,5 @@ def test_the_budget_floor_gives_a_small_absent_class_the_steps_it_needs(problem:
     assert problem.acc(floor.model, others) >= 0.9
     # Sample-level deletions (no class gone) are untouched by the floor.
     a = make_method("feature_constraint", {**OPTIONS, "budget_floor": 0.25}).run(problem.context())
-    b = make_method("feature_constraint", OPTIONS).run(problem.context())
+    b = make_method("feature_constraint", {**OPTIONS, "budget_floor": 0.0}).run(problem.context())
     assert a.steps == b.steps
