@@ -143,7 +143,7 @@ def test_the_budget_floor_gives_a_small_absent_class_the_steps_it_needs(problem:
     ds = problem.data.dataset
     train = ds.train_indices
     gone = train[ds.labels[train] == 1]
-    options = {"batch_size": 32, "forget_batch_size": 128}
+    options = {"batch_size": 32, "forget_batch_size": 128, "dampen_absent": 0.0}
     without = make_method("feature_constraint", {**options, "budget_floor": 0.0}).run(
         problem.context(forget_idx=gone))
     floor = make_method("feature_constraint", {**options, "budget_floor": 0.25}).run(
@@ -159,3 +159,27 @@ def test_the_budget_floor_gives_a_small_absent_class_the_steps_it_needs(problem:
     a = make_method("feature_constraint", {**OPTIONS, "budget_floor": 0.25}).run(problem.context())
     b = make_method("feature_constraint", {**OPTIONS, "budget_floor": 0.0}).run(problem.context())
     assert a.steps == b.steps
+
+
+def test_an_absent_class_is_dampened_before_the_feature_constraint(problem: Problem):
+    # SSD's importance ratio, applied once at the start when a class is gone: the parameters
+    # that matter far more to the class than to the data as a whole are dampened, so the
+    # feature constraint starts from a model that no longer recognises the class and spends
+    # its steps on keeping the rest.
+    ds = problem.data.dataset
+    train = ds.train_indices
+    gone = train[ds.labels[train] == 1]
+    options = {"batch_size": 32, "forget_batch_size": 128, "budget_floor": 0.0}
+    plain = make_method("feature_constraint", {**options, "dampen_absent": 0.0}).run(
+        problem.context(forget_idx=gone))
+    damped = make_method("feature_constraint", {**options, "dampen_absent": 0.5}).run(
+        problem.context(forget_idx=gone))
+    others = problem.test_idx[ds.labels[problem.test_idx] != 1]
+    assert problem.acc(plain.model, gone) >= 0.9  # 10 steps of the plain push: still known
+    assert problem.acc(damped.model, gone) <= 0.05
+    assert problem.acc(damped.model, others) >= 0.9
+    # Sample-level deletions never dampen: the result is the plain method's.
+    a = make_method("feature_constraint", {**OPTIONS, "dampen_absent": 0.5}).run(problem.context())
+    b = make_method("feature_constraint", {**OPTIONS, "dampen_absent": 0.0}).run(problem.context())
+    assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(),
+                                                  b.model.state_dict().values(), strict=True))
