@@ -92,11 +92,20 @@ def test_targets_are_judged_per_configuration_with_per_seed_values() -> None:
         _rec("feature_constraint", "class", 0, 0.4, time_ratio=0.05),
         _rec("feature_constraint", "class", 1, 1.4, acc_forget=0.01, time_ratio=0.05),
         _rec("ssd", "class", 0, 0.2), _rec("ssd", "class", 1, 0.3),
+        _rec("ssd[alpha1]", "class", 0, 0.0), _rec("ssd[alpha1]", "class", 1, 0.0),
     ]
     (row,) = target_rows(records)
     assert row["avg_gap"] == [0.4, 1.4] and row["avg_gap_ok"] is True  # mean 0.9
-    assert row["lowest"] == "ssd" and row["lowest_ok"] is False
+    assert row["lowest"] == "ssd" and row["lowest_ok"] is False  # variants are not methods
     assert row["time_ok"] is True
     assert row["acc_forget"] == [0.0, 1.0] and row["class_ok"] is False  # 1% > 0.5%
     report = format_report(records)
     assert "0.40, 1.40" in report and "**missed**" in report
+
+
+def test_a_time_ratio_against_a_retrain_timed_elsewhere_is_not_reported() -> None:
+    records = [_rec("retrain", "small", 0, 0.0),
+               _rec("feature_constraint", "small", 0, 0.1, reference_reused=True)]
+    (row,) = target_rows(records)
+    assert row["time_ratio"] is None and row["time_ok"] is False
+    assert "n/a (retrain timed in another run)" in format_report(records)
