@@ -183,3 +183,25 @@ def test_an_absent_class_is_dampened_before_the_feature_constraint(problem: Prob
     b = make_method("feature_constraint", {**OPTIONS, "dampen_absent": 0.0}).run(problem.context())
     assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(),
                                                   b.model.state_dict().values(), strict=True))
+
+
+def test_dampening_that_costs_retained_accuracy_is_rejected(problem: Problem):
+    # Here dampening costs no retained accuracy (drop 0); a limit below that (-0.01) stands
+    # for a dampening that costs more than allowed: the run must then start from the
+    # original, exactly as without dampening.
+    ds = problem.data.dataset
+    train = ds.train_indices
+    gone = train[ds.labels[train] == 1]
+    options = {"batch_size": 32, "forget_batch_size": 128, "budget_floor": 0.0}
+    kept = make_method("feature_constraint", {**options, "dampen_absent": 0.5}).run(
+        problem.context(forget_idx=gone))
+    assert not kept.extra["dampening_rejected"] and kept.extra["dampen_retain_drop"] <= 0.05
+    rejected = make_method("feature_constraint", {**options, "dampen_absent": 0.5,
+                                                  "dampen_max_drop": -0.01}).run(
+        problem.context(forget_idx=gone))
+    plain = make_method("feature_constraint", {**options, "dampen_absent": 0.0}).run(
+        problem.context(forget_idx=gone))
+    assert rejected.extra["dampening_rejected"]
+    assert all(torch.equal(x, y) for x, y in zip(rejected.model.state_dict().values(),
+                                                  plain.model.state_dict().values(), strict=True))
+    assert problem.acc(kept.model, gone) < problem.acc(rejected.model, gone)
