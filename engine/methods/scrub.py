@@ -29,7 +29,10 @@ forget set's class mix give the final model's error on data like the forget set 
 trained on; the checkpoint whose forget-set error is closest to that reference is returned
 (ties go to the later epoch, which had more min-steps). The original model is never a
 candidate. `rewind=False` returns the last epoch's model, the former behaviour. Measured
-before -> after: see docs/robustness.md.
+(avg gap, docs/robustness.md): in 3 epochs the last checkpoint is usually also the closest,
+so most cells are unchanged (mnist5k seed 0, random 1.43 -> 1.43); at 1,000 training
+samples, random seed 0, 4.15 -> 3.96. The reference assumes forget samples look like held-out
+samples of their class: for samples memorised under wrong labels it favours an early epoch.
 
 BatchNorm statistics stay frozen so forget batches cannot shift them.
 """

@@ -25,9 +25,11 @@ noise batch 32, the noise optimisation (Adam lr 0.1, lambda 0.1). Deviations: 40
 stages; a 30% retain subset (`retain_fraction`) instead of 500 per class, so the repair
 epoch on a 4,000-sample dataset has enough steps; noise repeated to half the retain subset
 (`noise_ratio` 0.5, the port's 2,560 noise images against 4,500 retained: 0.57). Measured
-before -> after (the notebook's rates are `{"impair_lr": 0.02, "repair_lr": 0.01}`): see
-docs/robustness.md. The method is built for class forgetting: with a random 10% forgotten,
-every class gets noise. BatchNorm statistics stay frozen: noise batches must
+before -> after (the notebook's rates are `{"impair_lr": 0.02, "repair_lr": 0.01}`; avg gap,
+docs/robustness.md): mnist5k seed 0, random 27.10 -> 0.79, class 5.62 -> 51.89. At 1e-4 the
+model hardly moves: sample deletions no longer wreck it, and a class is no longer forgotten.
+The method is built for class forgetting: with a random 10% forgotten, every class gets
+noise. BatchNorm statistics stay frozen: noise batches must
 not shift them.
 """
 
