@@ -9,10 +9,11 @@ from __future__ import annotations
 from engine.errors import InvalidInput, UnknownName
 
 Shape = tuple[int, ...]
-ARCHITECTURES = ("small_cnn", "resnet18")
+ARCHITECTURES = ("small_cnn", "resnet18", "mlp")
 
 SMALL_CNN_WIDTH = (32, 64)
 SMALL_CNN_FEATURES = 128
+MLP_WIDTHS = (256, 128)  # hidden layers; the last is the feature width
 RESNET18_STAGES = ((64, 1), (128, 2), (256, 2), (512, 2))
 
 
@@ -26,6 +27,18 @@ def _small_cnn(num_classes: int, c: int, h: int, w: int) -> dict[str, Shape]:
         "fc.weight": (SMALL_CNN_FEATURES, c2 * (h // 4) * (w // 4)),
         "fc.bias": (SMALL_CNN_FEATURES,),
         "head.weight": (num_classes, SMALL_CNN_FEATURES),
+        "head.bias": (num_classes,),
+    }
+
+
+def _mlp(num_classes: int, c: int, h: int, w: int) -> dict[str, Shape]:
+    h1, h2 = MLP_WIDTHS
+    return {
+        "fc1.weight": (h1, c * h * w),
+        "fc1.bias": (h1,),
+        "fc2.weight": (h2, h1),
+        "fc2.bias": (h2,),
+        "head.weight": (num_classes, h2),
         "head.bias": (num_classes,),
     }
 
@@ -71,4 +84,6 @@ def param_shapes(arch: str, num_classes: int, input_shape: tuple[int, int, int])
         return _small_cnn(num_classes, c, h, w)
     if arch == "resnet18":
         return _resnet18(num_classes, c, h, w)
+    if arch == "mlp":
+        return _mlp(num_classes, c, h, w)
     raise UnknownName("architecture", arch, ARCHITECTURES)

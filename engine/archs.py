@@ -15,7 +15,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from engine.arch_shapes import ARCHITECTURES, SMALL_CNN_FEATURES, SMALL_CNN_WIDTH
+from engine.arch_shapes import ARCHITECTURES, MLP_WIDTHS, SMALL_CNN_FEATURES, SMALL_CNN_WIDTH
 from engine.errors import UnknownName
 
 
@@ -54,6 +54,22 @@ class SmallCNN(Classifier):
         return torch.relu(self.fc(x.flatten(1)))
 
 
+class MLP(Classifier):
+    """Two fully connected hidden layers on the flattened image: a second CPU-sized
+    architecture with none of a CNN's spatial priors (the robustness suite runs both)."""
+
+    def __init__(self, num_classes: int, input_shape: tuple[int, int, int]) -> None:
+        super().__init__()
+        c, h, w = input_shape
+        h1, h2 = MLP_WIDTHS
+        self.fc1 = nn.Linear(c * h * w, h1)
+        self.fc2 = nn.Linear(h1, h2)
+        self.head = nn.Linear(h2, num_classes)
+
+    def features(self, x: Tensor) -> Tensor:
+        return torch.relu(self.fc2(torch.relu(self.fc1(x.flatten(1)))))
+
+
 class ResNet18(Classifier):
     """torchvision's ResNet-18 adapted to 32x32 inputs: 3x3 stem, no max-pool."""
 
@@ -73,6 +89,7 @@ class ResNet18(Classifier):
 _REGISTRY: dict[str, Callable[[int, tuple[int, int, int]], Classifier]] = {
     "small_cnn": SmallCNN,
     "resnet18": ResNet18,
+    "mlp": MLP,
 }
 assert set(_REGISTRY) == set(ARCHITECTURES)
 

@@ -330,10 +330,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
     p.add_argument("--cache", type=Path, default=Path("var/bench-cache"))
     p.add_argument("--json", type=Path, default=None, help="write one record per run here")
+    p.add_argument("--suite", choices=["robust"], default=None,
+                   help="run the robustness suite instead (`lethe bench --suite robust --help`)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--suite" in argv:
+        from engine.suite import main as suite_main
+
+        return suite_main(argv)
     args = build_parser().parse_args(argv)
     if args.throughput:
         from engine.throughput import measure

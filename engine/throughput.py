@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -144,7 +144,7 @@ def measure_loops(
     data = DeviceData(_synthetic(n_train, 1_024, num_classes), dev)
     train_idx = data.dataset.train_indices
     method_impl = FeatureConstraint(early_stop=False, max_epochs=passes)
-    cfg = cast("FeatureConstraint.Config", method_impl.config)
+    cfg = method_impl.config
     per_step = cfg.forget_batch_size + cfg.batch_size
     recipe = Recipe(epochs=1, batch_size=per_step, seed=0)
     original = build_model(arch, num_classes, data.dataset.input_shape, seed=0).to(dev).eval()

@@ -15,7 +15,7 @@ from engine.methods.scrub import Scrub
 from engine.methods.ssd import SelectiveSynapticDampening
 from engine.methods.unsir import Unsir
 
-METHODS: dict[str, type[Method]] = {
+METHODS: dict[str, type[Method[Any]]] = {
     cls.name: cls
     for cls in (
         FeatureConstraint,
@@ -31,7 +31,7 @@ METHODS: dict[str, type[Method]] = {
 DEFAULT_METHOD = FeatureConstraint.name
 
 
-def make_method(name: str, options: dict[str, Any] | None = None) -> Method:
+def make_method(name: str, options: dict[str, Any] | None = None) -> Method[Any]:
     """Instantiate a registered method with its options (unknown options are refused)."""
     try:
         cls = METHODS[name]

@@ -1,8 +1,8 @@
 """The one interface every unlearning method implements.
 
-A method is a class with a `Config` dataclass (its hyperparameters, with defaults) and a
-`run(ctx) -> MethodOutput`. Adding a method is one module and one line in the registry
-(`engine.methods.METHODS`).
+A method is a class `Method[ConfigT]` with a frozen `Config` dataclass (its hyperparameters,
+with defaults; `self.config` is typed as that class) and a `run(ctx) -> MethodOutput`.
+Adding a method is one module and one line in the registry (`engine.methods.METHODS`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import copy
 import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -22,6 +22,9 @@ from engine.archs import Classifier, build_model
 from engine.errors import InvalidInput
 from engine.runtime import DeviceData, Progress, Reporter
 from engine.training import Recipe
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 IndexArray = npt.NDArray[np.int64]
 
@@ -87,14 +90,24 @@ class MethodOutput:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class Method(ABC):
-    """Base class: subclasses set `name`, define `Config`, implement `run`."""
+@dataclass(frozen=True)
+class NoConfig:
+    """The options of a method that has none."""
+
+
+ConfigT = TypeVar("ConfigT", bound="DataclassInstance")
+
+
+class Method(ABC, Generic[ConfigT]):
+    """Base class: subclasses set `name` and `Config` (the dataclass `ConfigT`), implement `run`.
+
+    `class Scrub(Method[ScrubConfig]): Config = ScrubConfig` gives `self.config` the type
+    `ScrubConfig`, so methods read their options without casts.
+    """
 
     name: ClassVar[str]
-
-    @dataclass(frozen=True)
-    class Config:
-        pass
+    Config: ClassVar[type[Any]] = NoConfig
+    config: ConfigT
 
     def __init__(self, **options: Any) -> None:
         fields = {f.name for f in dataclasses.fields(self.Config)}

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from torch import nn
 
@@ -27,28 +27,30 @@ from engine.runtime import Sampler, autocast
 from engine.training import OPTIMIZERS, make_optimizer
 
 
-class Finetune(Method):
+@dataclass(frozen=True)
+class FinetuneConfig:
+    epochs: float = 1.0  # passes over the retain pool
+    lr: float = 0.01
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise InvalidInput(f"optimizer must be one of {OPTIMIZERS}")
+        if self.epochs <= 0 or self.lr <= 0 or self.batch_size < 1:
+            raise InvalidInput("epochs, lr and batch_size must be positive")
+        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
+            raise InvalidInput("weight_decay must be >= 0 and momentum in [0, 1)")
+
+
+class Finetune(Method[FinetuneConfig]):
     name = "finetune"
-
-    @dataclass(frozen=True)
-    class Config:
-        epochs: float = 1.0  # passes over the retain pool
-        lr: float = 0.01
-        optimizer: str = "sgd"
-        momentum: float = 0.9
-        weight_decay: float = 0.0
-        batch_size: int = 64
-
-        def __post_init__(self) -> None:
-            if self.optimizer not in OPTIMIZERS:
-                raise InvalidInput(f"optimizer must be one of {OPTIMIZERS}")
-            if self.epochs <= 0 or self.lr <= 0 or self.batch_size < 1:
-                raise InvalidInput("epochs, lr and batch_size must be positive")
-            if self.weight_decay < 0 or not 0 <= self.momentum < 1:
-                raise InvalidInput("weight_decay must be >= 0 and momentum in [0, 1)")
+    Config = FinetuneConfig
 
     def run(self, ctx: UnlearnContext) -> MethodOutput:
-        cfg = cast("Finetune.Config", self.config)
+        cfg = self.config
         model = ctx.student()
         opt = make_optimizer(model.parameters(), cfg.optimizer, cfg.lr,
                              momentum=cfg.momentum, weight_decay=cfg.weight_decay)

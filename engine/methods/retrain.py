@@ -3,18 +3,12 @@ stored recipe. The gold standard every other method is measured against."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from engine.methods.base import Method, MethodOutput, UnlearnContext
+from engine.methods.base import Method, MethodOutput, NoConfig, UnlearnContext
 from engine.training import train_model
 
 
-class Retrain(Method):
+class Retrain(Method[NoConfig]):
     name = "retrain"
-
-    @dataclass(frozen=True)
-    class Config:
-        pass
 
     def run(self, ctx: UnlearnContext) -> MethodOutput:
         model, steps = train_model(

@@ -27,7 +27,7 @@ ceil(|Df| / 64) forget batches, about one epoch of forward and backward passes (
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -39,24 +39,26 @@ from engine.methods.base import Method, MethodOutput, UnlearnContext
 from engine.runtime import autocast
 
 
-class SelectiveSynapticDampening(Method):
+@dataclass(frozen=True)
+class SSDConfig:
+    alpha: float = 5.0  # selection weighting
+    dampening: float = 1.0  # lambda
+    batch_size: int = 64
+    full_max_samples: int | None = None  # None: all of forget + retain
+
+    def __post_init__(self) -> None:
+        if self.alpha <= 0 or self.dampening <= 0 or self.batch_size < 1:
+            raise InvalidInput("alpha, dampening and batch_size must be positive")
+        if self.full_max_samples is not None and self.full_max_samples < 1:
+            raise InvalidInput("full_max_samples must be positive when given")
+
+
+class SelectiveSynapticDampening(Method[SSDConfig]):
     name = "ssd"
-
-    @dataclass(frozen=True)
-    class Config:
-        alpha: float = 5.0  # selection weighting
-        dampening: float = 1.0  # lambda
-        batch_size: int = 64
-        full_max_samples: int | None = None  # None: all of forget + retain
-
-        def __post_init__(self) -> None:
-            if self.alpha <= 0 or self.dampening <= 0 or self.batch_size < 1:
-                raise InvalidInput("alpha, dampening and batch_size must be positive")
-            if self.full_max_samples is not None and self.full_max_samples < 1:
-                raise InvalidInput("full_max_samples must be positive when given")
+    Config = SSDConfig
 
     def run(self, ctx: UnlearnContext) -> MethodOutput:
-        cfg = cast("SelectiveSynapticDampening.Config", self.config)
+        cfg = self.config
         full_idx = np.concatenate([ctx.forget_idx, ctx.retain_idx]).astype(np.int64)
         if cfg.full_max_samples is not None and len(full_idx) > cfg.full_max_samples:
             full_idx = np.sort(ctx.generator(salt=1).choice(full_idx, cfg.full_max_samples,

@@ -15,18 +15,21 @@ class 0 whatever was forgotten, a bug not reproduced here. For sample-level forg
 forget set spans several classes) each class present gets its share of the noise batch in
 proportion to its count in the forget set (at least one image).
 
-Published settings (the authors' notebook and the SSD repository's port): noise Adam lr 0.1
-for 5 x 8 = 40 steps, lambda 0.1, a noise batch of 32 repeated 80 times (2,560 noise images)
-against 500 retained images per remaining class (10% of CIFAR-10's retain set; the noise is
-0.57x that), impair 1 epoch Adam lr 0.02, repair 1 epoch Adam lr 0.01, batch 256. Kept here:
-the noise optimisation, the noise share (`noise_ratio` 0.5), the two learning rates and the
-single epochs. Scaled: batch 64 (the recipe's) instead of 256, and a 30% retain subset
-instead of 10%, so the repair epoch on a 4,000-sample dataset has enough steps: mnist5k, one
-class forgotten (acc_forget / acc_retain, original 0.99 / 1.00), 10% gives 0.00 / 0.70
-(6 repair steps), 30% gives 0.00 / 0.93 in 40 noise steps + 26 impair + 17 repair = 83 steps,
-about 18% of `retrain`'s 450. The method is built for class forgetting: with a random 10% of
-mnist5k forgotten, every class gets noise and all of them are impaired (acc_retain 0.82 after
-repair, where retraining keeps 1.00). BatchNorm statistics stay frozen: noise batches must
+Published settings. The SSD repository's port (the comparison this baseline stands for):
+impair and repair 1 epoch each at lr 1e-4, noise batch 32, 500 retained images per
+remaining class, impair batch 32, repair batch 128. The authors' notebook differs (impair lr
+0.02, repair lr 0.01, batch 256); an earlier version here took those harsher rates, which
+mixes two sources. Kept here: the port's 1e-4 for both impair and repair, the single epochs,
+noise batch 32, the noise optimisation (Adam lr 0.1, lambda 0.1). Deviations: 40 noise steps
+(the notebook's 5 x 8; the port uses 25 for full classes); batch 64 (the recipe's) for both
+stages; a 30% retain subset (`retain_fraction`) instead of 500 per class, so the repair
+epoch on a 4,000-sample dataset has enough steps; noise repeated to half the retain subset
+(`noise_ratio` 0.5, the port's 2,560 noise images against 4,500 retained: 0.57). Measured
+before -> after (the notebook's rates are `{"impair_lr": 0.02, "repair_lr": 0.01}`; avg gap,
+docs/robustness.md): mnist5k seed 0, random 27.10 -> 0.79, class 5.62 -> 51.89. At 1e-4 the
+model hardly moves: sample deletions no longer wreck it, and a class is no longer forgotten.
+The method is built for class forgetting: with a random 10% forgotten, every class gets
+noise. BatchNorm statistics stay frozen: noise batches must
 not shift them.
 """
 
@@ -34,7 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -69,40 +72,42 @@ def noise_labels(forget_labels: npt.NDArray[np.int64], size: int) -> npt.NDArray
     return np.repeat(classes, share).astype(np.int64)
 
 
-class Unsir(Method):
+@dataclass(frozen=True)
+class UnsirConfig:
+    noise_batch_size: int = 32  # distinct noise images, split over forgotten classes
+    noise_steps: int = 40
+    noise_lr: float = 0.1
+    noise_lambda: float = 0.1
+    noise_ratio: float = 0.5  # noise images (repeated) per retain-subset image in impair
+    retain_fraction: float = 0.3
+    impair_lr: float = 1e-4
+    repair_lr: float = 1e-4
+    impair_epochs: float = 1.0
+    repair_epochs: float = 1.0
+    optimizer: str = "adam"
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise InvalidInput(f"optimizer must be one of {OPTIMIZERS}")
+        if min(self.noise_batch_size, self.batch_size) < 1 or self.noise_steps < 0:
+            raise InvalidInput("batch sizes must be >= 1 and noise_steps >= 0")
+        if min(self.noise_lr, self.impair_lr, self.repair_lr) <= 0:
+            raise InvalidInput("learning rates must be positive")
+        if self.noise_lambda < 0 or self.noise_ratio <= 0:
+            raise InvalidInput("noise_lambda must be >= 0 and noise_ratio > 0")
+        if self.impair_epochs < 0 or self.repair_epochs < 0:
+            raise InvalidInput("impair_epochs and repair_epochs must be >= 0")
+        if not 0 < self.retain_fraction <= 1:
+            raise InvalidInput("retain_fraction must be in (0, 1]")
+
+
+class Unsir(Method[UnsirConfig]):
     name = "unsir"
-
-    @dataclass(frozen=True)
-    class Config:
-        noise_batch_size: int = 32  # distinct noise images, split over forgotten classes
-        noise_steps: int = 40
-        noise_lr: float = 0.1
-        noise_lambda: float = 0.1
-        noise_ratio: float = 0.5  # noise images (repeated) per retain-subset image in impair
-        retain_fraction: float = 0.3
-        impair_lr: float = 0.02
-        repair_lr: float = 0.01
-        impair_epochs: float = 1.0
-        repair_epochs: float = 1.0
-        optimizer: str = "adam"
-        batch_size: int = 64
-
-        def __post_init__(self) -> None:
-            if self.optimizer not in OPTIMIZERS:
-                raise InvalidInput(f"optimizer must be one of {OPTIMIZERS}")
-            if min(self.noise_batch_size, self.batch_size) < 1 or self.noise_steps < 0:
-                raise InvalidInput("batch sizes must be >= 1 and noise_steps >= 0")
-            if min(self.noise_lr, self.impair_lr, self.repair_lr) <= 0:
-                raise InvalidInput("learning rates must be positive")
-            if self.noise_lambda < 0 or self.noise_ratio <= 0:
-                raise InvalidInput("noise_lambda must be >= 0 and noise_ratio > 0")
-            if self.impair_epochs < 0 or self.repair_epochs < 0:
-                raise InvalidInput("impair_epochs and repair_epochs must be >= 0")
-            if not 0 < self.retain_fraction <= 1:
-                raise InvalidInput("retain_fraction must be in (0, 1]")
+    Config = UnsirConfig
 
     def run(self, ctx: UnlearnContext) -> MethodOutput:
-        cfg = cast("Unsir.Config", self.config)
+        cfg = self.config
         rng = ctx.generator(salt=1)
         labels_np = noise_labels(ctx.data.dataset.labels[ctx.forget_idx], cfg.noise_batch_size)
         n_retain = max(1, math.ceil(cfg.retain_fraction * len(ctx.retain_idx)))
@@ -162,7 +167,7 @@ class Unsir(Method):
     def _train(self, model: nn.Module, ctx: UnlearnContext, x: Tensor, y: Tensor, lr: float,
                steps: int, rng: np.random.Generator, report: Any) -> None:
         """`steps` CE steps over (x, y) in shuffled batches (a fresh shuffle per pass)."""
-        cfg = cast("Unsir.Config", self.config)
+        cfg = self.config
         opt = make_optimizer(model.parameters(), cfg.optimizer, lr)
         per_pass = math.ceil(len(y) / cfg.batch_size)
         order = torch.from_numpy(rng.permutation(len(y))).to(ctx.device)

@@ -21,7 +21,7 @@ from engine.training import Recipe, train_model
 @pytest.mark.parametrize(
     ("arch", "num_classes", "shape"),
     [("small_cnn", 10, (1, 28, 28)), ("small_cnn", 3, (3, 16, 20)), ("resnet18", 10, (3, 32, 32)),
-     ("resnet18", 100, (1, 28, 28))],
+     ("resnet18", 100, (1, 28, 28)), ("mlp", 10, (1, 28, 28)), ("mlp", 3, (3, 16, 20))],
 )
 def test_torch_free_shape_table_matches_the_models(arch, num_classes, shape):
     model = build_model(arch, num_classes, shape)
@@ -31,7 +31,7 @@ def test_torch_free_shape_table_matches_the_models(arch, num_classes, shape):
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_features_feed_the_head(arch):
-    shape = (1, 28, 28) if arch == "small_cnn" else (3, 32, 32)
+    shape = (1, 28, 28) if arch in ("small_cnn", "mlp") else (3, 32, 32)
     model = build_model(arch, 10, shape, seed=0).eval()
     x = torch.rand(4, *shape)
     with torch.no_grad():

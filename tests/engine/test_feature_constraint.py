@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tiny_problem import NUM_CLASSES, Problem
+from tiny_problem import NUM_CLASSES, RECIPE, Problem
 
 from engine.errors import Cancelled, InvalidInput
 from engine.methods import DEFAULT_METHOD, make_method
@@ -119,3 +119,89 @@ def test_partition_check_refuses_a_retain_pool_holding_forgotten_samples(problem
     with pytest.raises(InvalidInput, match="training split"):
         check_partition(problem.data, problem.test_idx[:2], problem.retain_idx)
     assert NUM_CLASSES == 4
+
+
+@pytest.mark.parametrize("min_steps", [1, 2])
+def test_the_untouched_original_is_never_returned(problem: Problem, min_steps: int):
+    # Typical retained samples look unseen to the original model already, so the stopping
+    # rule is satisfied by the statistics of the very first forward pass. Those statistics
+    # describe the model before any update: stopping (or selecting a checkpoint) there would
+    # publish the original again.
+    typical = problem.retain_idx[:16]
+    ctx = problem.context(forget_idx=typical)
+    out = make_method("feature_constraint", {**OPTIONS, "min_steps": min_steps}).run(ctx)
+    before, after = problem.original.state_dict(), out.model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert out.steps >= min_steps and out.extra["selected_step"] >= min_steps
+    with pytest.raises(InvalidInput, match="min_steps"):
+        make_method("feature_constraint", {"min_steps": 0})
+
+
+def test_the_budget_floor_gives_a_small_absent_class_the_steps_it_needs(problem: Problem):
+    # Class 1 fits in one forget batch: a pass over it is one step, so the pass-based budget
+    # (5 passes, doubled for an absent class) is 10 steps, and the class is still recognised.
+    ds = problem.data.dataset
+    train = ds.train_indices
+    gone = train[ds.labels[train] == 1]
+    options = {"batch_size": 32, "forget_batch_size": 128, "dampen_absent": 0.0}
+    without = make_method("feature_constraint", {**options, "budget_floor": 0.0}).run(
+        problem.context(forget_idx=gone))
+    floor = make_method("feature_constraint", {**options, "budget_floor": 0.25}).run(
+        problem.context(forget_idx=gone))
+    retain = len(train) - len(gone)
+    train_steps = RECIPE.epochs * int(np.ceil(retain / RECIPE.batch_size))
+    assert without.steps == 10
+    assert floor.steps == int(np.ceil(0.25 * train_steps * 2))
+    assert problem.acc(floor.model, gone) <= problem.acc(without.model, gone) - 0.3
+    others = problem.test_idx[ds.labels[problem.test_idx] != 1]
+    assert problem.acc(floor.model, others) >= 0.9
+    # Sample-level deletions (no class gone) are untouched by the floor.
+    a = make_method("feature_constraint", {**OPTIONS, "budget_floor": 0.25}).run(problem.context())
+    b = make_method("feature_constraint", {**OPTIONS, "budget_floor": 0.0}).run(problem.context())
+    assert a.steps == b.steps
+
+
+def test_an_absent_class_is_dampened_before_the_feature_constraint(problem: Problem):
+    # SSD's importance ratio, applied once at the start when a class is gone: the parameters
+    # that matter far more to the class than to the data as a whole are dampened, so the
+    # feature constraint starts from a model that no longer recognises the class and spends
+    # its steps on keeping the rest.
+    ds = problem.data.dataset
+    train = ds.train_indices
+    gone = train[ds.labels[train] == 1]
+    options = {"batch_size": 32, "forget_batch_size": 128, "budget_floor": 0.0}
+    plain = make_method("feature_constraint", {**options, "dampen_absent": 0.0}).run(
+        problem.context(forget_idx=gone))
+    damped = make_method("feature_constraint", {**options, "dampen_absent": 0.5}).run(
+        problem.context(forget_idx=gone))
+    others = problem.test_idx[ds.labels[problem.test_idx] != 1]
+    assert problem.acc(plain.model, gone) >= 0.9  # 10 steps of the plain push: still known
+    assert problem.acc(damped.model, gone) <= 0.05
+    assert problem.acc(damped.model, others) >= 0.9
+    # Sample-level deletions never dampen: the result is the plain method's.
+    a = make_method("feature_constraint", {**OPTIONS, "dampen_absent": 0.5}).run(problem.context())
+    b = make_method("feature_constraint", {**OPTIONS, "dampen_absent": 0.0}).run(problem.context())
+    assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(),
+                                                  b.model.state_dict().values(), strict=True))
+
+
+def test_dampening_that_costs_retained_accuracy_is_rejected(problem: Problem):
+    # Here dampening costs no retained accuracy (drop 0); a limit below that (-0.01) stands
+    # for a dampening that costs more than allowed: the run must then start from the
+    # original, exactly as without dampening.
+    ds = problem.data.dataset
+    train = ds.train_indices
+    gone = train[ds.labels[train] == 1]
+    options = {"batch_size": 32, "forget_batch_size": 128, "budget_floor": 0.0}
+    kept = make_method("feature_constraint", {**options, "dampen_absent": 0.5}).run(
+        problem.context(forget_idx=gone))
+    assert not kept.extra["dampening_rejected"] and kept.extra["dampen_retain_drop"] <= 0.05
+    rejected = make_method("feature_constraint", {**options, "dampen_absent": 0.5,
+                                                  "dampen_max_drop": -0.01}).run(
+        problem.context(forget_idx=gone))
+    plain = make_method("feature_constraint", {**options, "dampen_absent": 0.0}).run(
+        problem.context(forget_idx=gone))
+    assert rejected.extra["dampening_rejected"]
+    assert all(torch.equal(x, y) for x, y in zip(rejected.model.state_dict().values(),
+                                                  plain.model.state_dict().values(), strict=True))
+    assert problem.acc(kept.model, gone) < problem.acc(rejected.model, gone)

@@ -1,0 +1,111 @@
+"""The robustness suite: its derived datasets and its report."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from engine.datasets import Dataset
+from engine.suite import (
+    CONFIGURATIONS,
+    QUICK_CONFIGURATIONS,
+    class_subset,
+    format_report,
+    noisy_labels,
+    parse_variant,
+    subsample_train,
+    target_rows,
+)
+
+
+def _dataset(n: int = 200, classes: int = 4) -> Dataset:
+    rng = np.random.default_rng(0)
+    return Dataset(
+        name="toy", ids=np.asarray([f"t{i:03d}" for i in range(n)]),
+        labels=(np.arange(n) % classes).astype(np.int64),
+        splits=np.asarray(["train"] * (n - 40) + ["test"] * 40),
+        images=rng.random((n, 1, 6, 6)).astype(np.float32), num_classes=classes,
+    )
+
+
+def test_class_subset_keeps_and_relabels_only_the_chosen_classes() -> None:
+    ds = _dataset()
+    sub = class_subset(ds, (3, 1))
+    assert sub.num_classes == 2
+    original = {str(i): int(c) for i, c in zip(ds.ids, ds.labels, strict=True)}
+    assert {original[str(i)] for i in sub.ids} == {1, 3}
+    # Same sample IDs, labels mapped in the order given: 3 -> 0, 1 -> 1.
+    assert all(int(y) == (0 if original[str(i)] == 3 else 1)
+               for i, y in zip(sub.ids, sub.labels, strict=True))
+    assert len(sub.test_indices) == 20
+
+
+def test_subsampling_shrinks_the_training_split_only() -> None:
+    ds = _dataset()
+    sub = subsample_train(ds, 50, np.random.default_rng(1))
+    assert len(sub.train_indices) == 50
+    assert sorted(sub.ids[sub.test_indices].tolist()) == sorted(ds.ids[ds.test_indices].tolist())
+    assert set(sub.ids.tolist()) <= set(ds.ids.tolist())
+    assert subsample_train(ds, 10_000, np.random.default_rng(1)) is ds
+
+
+def test_label_noise_flips_that_fraction_of_training_labels_to_another_class() -> None:
+    ds = _dataset()
+    noisy = noisy_labels(ds, 0.05, np.random.default_rng(2))
+    changed = np.flatnonzero(noisy.labels != ds.labels)
+    assert len(changed) == round(0.05 * len(ds.train_indices))
+    assert (noisy.splits[changed] == "train").all()  # held-out labels stay clean
+    assert noisy.fingerprint() != ds.fingerprint()
+
+
+def test_configurations_cover_sizes_a_class_subset_noise_and_two_architectures() -> None:
+    sizes = {c.train_size for c in CONFIGURATIONS.values()}
+    assert {1000, 2000, None} <= sizes
+    assert any(c.classes for c in CONFIGURATIONS.values())
+    assert any(c.label_noise == 0.05 for c in CONFIGURATIONS.values())
+    assert len({c.arch for c in CONFIGURATIONS.values()}) >= 2
+    assert set(QUICK_CONFIGURATIONS) <= set(CONFIGURATIONS)
+    ds = CONFIGURATIONS["n1000"].dataset(0)
+    assert len(ds.train_indices) == 1000 and len(ds.test_indices) == 1000
+
+
+def test_variants_parse_and_unknown_methods_are_refused() -> None:
+    assert parse_variant('a=bad_teacher:{"epochs": 1}') == ("a", "bad_teacher", {"epochs": 1})
+    assert parse_variant("b=scrub") == ("b", "scrub", {})
+    with pytest.raises(ValueError, match="bad variant"):
+        parse_variant("c=nothing")
+
+
+def _rec(method: str, scenario: str, seed: int, gap: float, **kw: Any) -> dict[str, Any]:
+    base = {"acc_forget": 0.0, "acc_retain": 0.99, "acc_test": 0.9, "mia_forget": 0.0,
+            "time_ratio": 0.2, "retrain": {"acc_retain": 0.995}}
+    return {"configuration": "n1000", "arch": "small_cnn", "train_size": 1000,
+            "num_classes": 10, "method": method, "scenario": scenario, "seed": seed,
+            "avg_gap": gap, **base, **kw}
+
+
+def test_targets_are_judged_per_configuration_with_per_seed_values() -> None:
+    records = [
+        _rec("retrain", "class", 0, 0.0), _rec("retrain", "class", 1, 0.0),
+        _rec("feature_constraint", "class", 0, 0.4, time_ratio=0.05),
+        _rec("feature_constraint", "class", 1, 1.4, acc_forget=0.01, time_ratio=0.05),
+        _rec("ssd", "class", 0, 0.2), _rec("ssd", "class", 1, 0.3),
+        _rec("ssd[alpha1]", "class", 0, 0.0), _rec("ssd[alpha1]", "class", 1, 0.0),
+    ]
+    (row,) = target_rows(records)
+    assert row["avg_gap"] == [0.4, 1.4] and row["avg_gap_ok"] is True  # mean 0.9
+    assert row["lowest"] == "ssd" and row["lowest_ok"] is False  # variants are not methods
+    assert row["time_ok"] is True
+    assert row["acc_forget"] == [0.0, 1.0] and row["class_ok"] is False  # 1% > 0.5%
+    report = format_report(records)
+    assert "0.40, 1.40" in report and "**missed**" in report
+
+
+def test_a_time_ratio_against_a_retrain_timed_elsewhere_is_not_reported() -> None:
+    records = [_rec("retrain", "small", 0, 0.0),
+               _rec("feature_constraint", "small", 0, 0.1, reference_reused=True)]
+    (row,) = target_rows(records)
+    assert row["time_ratio"] is None and row["time_ok"] is False
+    assert "n/a (retrain timed in another run)" in format_report(records)
