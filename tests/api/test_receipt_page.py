@@ -83,7 +83,7 @@ def _finish(dep: Any, ids: list[str], checkpoint: bytes, **values: Any) -> str:
     sub = dep.submit("m", ids, subject_ref="DSR-2026-0042")
     job_id = sub.body["job_id"]
     with dep.sessions() as s:
-        assert jobs.claim_job(s, job_id, "w1", heartbeat_timeout_s=60) is not None
+        assert jobs.claim_job(s, job_id, "w1", heartbeat_timeout_s=60, store=dep.store) is not None
     assert dep.complete(job_id, checkpoint).published
     if not values:
         return str(sub.body["id"])

@@ -94,7 +94,7 @@ def finish(dep: Any, ids: list[str], *, evidence: Any = None, history: Any = Non
     sub = dep.submit("m", ids, **submit)
     job_id = sub.body["job_id"]
     with dep.sessions() as s:
-        assert jobs.claim_job(s, job_id, "w1", heartbeat_timeout_s=60) is not None
+        assert jobs.claim_job(s, job_id, "w1", heartbeat_timeout_s=60, store=dep.store) is not None
     if fail:
         with dep.sessions() as s:
             jobs.fail_job(s, job_id, error="the worker ran out of memory", code="worker_error", actor="w1")
