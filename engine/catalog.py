@@ -67,8 +67,8 @@ class Option:
             return None
         if isinstance(value, bool) or not isinstance(value, int | float):
             return f"must be {'an integer' if self.type == 'integer' else 'a number'}"
-        if self.type == "integer" and not isinstance(value, int):
-            return "must be an integer"
+        if self.type == "integer" and not (isinstance(value, int) or float(value).is_integer()):
+            return "must be an integer"  # JSON Schema: 3.0 is an integer, 3.5 is not
         if not math.isfinite(value):
             return "must be a finite number"
         return self._bound_problem(value)
@@ -347,3 +347,17 @@ METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
 def check_method_options(method: str, options: Mapping[str, Any]) -> list[OptionProblem]:
     """Every problem with `options` for `method`; `KeyError` for an unknown method."""
     return METHODS[method].check(options)
+
+
+def normalise_method_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """`options` with integer options given as integral numbers (JSON's `3.0`) made `int`, so
+    the engine's configs receive the types they declare. Unknown names are left as they are
+    (`check_method_options` refuses them)."""
+    spec = METHODS.get(method)
+    if spec is None:
+        return dict(options)
+    integers = {o.name for o in spec.options if o.type == "integer"}
+    return {
+        k: int(v) if k in integers and isinstance(v, float) and v.is_integer() else v
+        for k, v in options.items()
+    }

@@ -115,8 +115,9 @@ def submit_deletion_request(
     idempotency_key: str | None = None,
 ) -> Submitted:
     """Validate and accept a deletion request (see the module docstring for the rules)."""
-    intake = _Intake(model, sample_ids, subject_ref, reason, method or catalog.DEFAULT_METHOD,
-                     method_options or {}, verify, callback_url)
+    method = method or catalog.DEFAULT_METHOD
+    options = catalog.normalise_method_options(method, method_options or {})
+    intake = _Intake(model, sample_ids, subject_ref, reason, method, options, verify, callback_url)
     # The key's claim is in this unit of work: a request that fails leaves it free for a retry.
     with unit_of_work(session):
         claim: IdempotencyKey | None = None
