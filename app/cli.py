@@ -43,7 +43,7 @@ from app.client import (
     NotFound,
     ServiceUnreachable,
 )
-from app.vocab import JobStatus, RequestStatus, Scope, VerifyMode
+from app.vocab import JobStatus, ReferenceStatus, RequestStatus, Scope, VerifyMode
 from engine.catalog import METHOD_NAMES
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -377,7 +377,24 @@ def bootstrap_demo(
         return str(job_id)
     print(f"{name} v{job.get('result_version')} ready; metrics:")
     print(_fmt_metrics(job.get("metrics")))
+    _follow_references(client, name, bar)
     return str(job_id)
+
+
+def _follow_references(client: LetheClient, name: str, bar: ProgressBar) -> None:
+    """Wait for the model's reference statistics when they are being computed: the single
+    demo worker runs that job next, so a deletion submitted meanwhile would wait behind it."""
+    refs = client.get_references(name)
+    if refs.get("status") not in (ReferenceStatus.QUEUED, ReferenceStatus.RUNNING) or not refs.get("job_id"):
+        return
+    print(f"computing {name}'s reference statistics (K = {refs.get('k')} models on half the data each; "
+          "the per-sample forgetting test needs them)")
+    job = client.wait_for_job(str(refs["job_id"]), poll_interval=0.5, on_update=bar.job)
+    bar.done()
+    if job.get("status") != JobStatus.SUCCEEDED:
+        print(f"reference statistics ended {job.get('status')}: {job.get('error')}", file=sys.stderr)
+        return
+    print(f"reference statistics of {name} ready")
 
 
 def _example_ids(client: LetheClient) -> list[str]:

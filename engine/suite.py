@@ -41,6 +41,7 @@ import torch
 
 from engine.bench import SCENARIOS, _record, forget_set, original_model
 from engine.datasets import Dataset, DatasetSpec, load_dataset
+from engine.errors import InvalidInput
 from engine.methods import DEFAULT_METHOD, METHODS
 from engine.runtime import DeviceData, pick_device
 from engine.training import Recipe
@@ -74,6 +75,8 @@ class Configuration:
 
 def _derive(ds: Dataset, keep: npt.NDArray[np.int64], labels: npt.NDArray[np.int64],
             num_classes: int, tag: str) -> Dataset:
+    if ds.images is None:
+        raise InvalidInput("the robustness suite derives its configurations from in-memory datasets")
     return Dataset(name=f"{ds.name}-{tag}", ids=ds.ids[keep], labels=labels[keep],
                    splits=ds.splits[keep], images=ds.images[keep], num_classes=num_classes)
 

@@ -324,6 +324,13 @@ def pg_deployment(tmp_path: Path, pg_database_url: str) -> Iterator[Deployment]:
 
 
 @pytest.fixture
+def deployment_factory() -> Any:
+    """`make_deployment` as a fixture, for tests that need other settings (tests import no
+    helpers from conftest: which `conftest` module that name finds depends on collection)."""
+    return make_deployment
+
+
+@pytest.fixture
 def make_checkpoint() -> Any:
     """`checkpoint_bytes` as a fixture (tests import no helpers from conftest)."""
     return checkpoint_bytes

@@ -320,6 +320,16 @@ def _execute_reference(ticket: job_service.JobTicket, reporter: _JobReporter) ->
     )
 
 
+def _enter_publishing(reporter: _JobReporter) -> None:
+    """The engine is done: stop if another attempt took the job meanwhile, else record the
+    `publishing` phase (whose write may itself find the claim lost)."""
+    if reporter.lost_claim:
+        raise _LostClaim
+    reporter.set_phase(JobPhase.PUBLISHING)
+    if reporter.lost_claim:
+        raise _LostClaim
+
+
 def _run_reference(
     ticket: job_service.JobTicket,
     reporter: _JobReporter,
@@ -329,11 +339,7 @@ def _run_reference(
 ) -> list[str]:
     """The body of a `reference` job: compute, then store the statistics and mark them ready."""
     output = _execute_reference(ticket, reporter)
-    if reporter.lost_claim:
-        raise _LostClaim
-    reporter.set_phase(JobPhase.PUBLISHING)
-    if reporter.lost_claim:
-        raise _LostClaim
+    _enter_publishing(reporter)
     with sessions() as session:
         return reference_service.complete_references(
             session,
@@ -403,11 +409,7 @@ def run_job(
                 log.info("job %s finished: reference statistics ready", job_id)
                 return JobRun(job_id, JobStatus.SUCCEEDED, "references ready", tuple(follow_ups))
             output = _execute(ticket, reporter)
-            if reporter.lost_claim:
-                raise _LostClaim
-            reporter.set_phase(JobPhase.PUBLISHING)
-            if reporter.lost_claim:
-                raise _LostClaim
+            _enter_publishing(reporter)
             with sessions() as session:
                 result = job_service.complete_job(
                     session,

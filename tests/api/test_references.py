@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_deployment
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
@@ -18,9 +17,11 @@ from app.main import create_app
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def ref_deployment(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+def ref_deployment(
+    request: pytest.FixtureRequest, tmp_path: Path, deployment_factory: Any
+) -> Iterator[Any]:
     url = None if request.param == "sqlite" else request.getfixturevalue("pg_database_url")
-    dep = make_deployment(tmp_path, url, references=True, reference_k=4)
+    dep = deployment_factory(tmp_path, url, references=True, reference_k=4)
     try:
         yield dep
     finally:
