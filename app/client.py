@@ -187,6 +187,9 @@ class Model(TypedDict, total=False):
     forgotten_count: int
     pending_requests: int
     policy: dict[str, Any]
+    status: str
+    description: dict[str, Any] | None
+    error: dict[str, Any] | None
     created_at: str
 
 

@@ -8,6 +8,9 @@
     │   ├── DuplicateSampleIds          422 duplicate_sample_ids   (sample_ids, count)
     │   ├── InvalidMethodOptions        422 invalid_method_options (errors: each option)
     │   ├── InvalidCheckpoint           422 invalid_checkpoint
+    │   ├── UnsupportedArchitecture     422 unsupported_architecture (the library lacks the model)
+    │   ├── PathOutsideDataset          422 path_outside_dataset   (sample_ids, count)
+    │   ├── UnreadableImages            422 unreadable_images      (sample_ids, problems)
     │   └── IdempotencyKeyMismatch      422 idempotency_key_mismatch
     ├── BadRequest                      400 bad_request
     │   └── InvalidCursor               400 invalid_cursor         (not a cursor Lethe issued)
@@ -25,6 +28,7 @@
     │   ├── IdempotencyInFlight         409 idempotency_in_flight
     │   ├── StaleAttempt                409 stale_attempt          (a worker lost its claim)
     │   ├── ReceiptNotReady             409 receipt_not_ready      (the request is not final yet)
+    │   ├── ModelImportFailed           409 model_import_failed    (the model has no version)
     │   └── ReceiptUnavailable          409 receipt_unavailable    (final, but no job ran for it)
     ├── PreconditionFailed              412 precondition_failed
     ├── PayloadTooLarge                 413 payload_too_large
@@ -130,6 +134,23 @@ class InvalidCheckpoint(InvalidInput):
     code, title = "invalid_checkpoint", "Invalid checkpoint"
 
 
+class UnsupportedArchitecture(InvalidInput):
+    code, title = "unsupported_architecture", "Unsupported architecture"
+
+
+class PathOutsideDataset(_SampleIdProblem):
+    code, title = "path_outside_dataset", "Image paths outside the dataset folder"
+    noun = "samples whose image path is absolute or leaves the dataset folder"
+
+
+class UnreadableImages(InvalidInput):
+    code, title = "unreadable_images", "Missing or unreadable image files"
+
+    def __init__(self, detail: str, problems: dict[str, str], *, limit: int = 100) -> None:
+        shown = dict(list(problems.items())[:limit])
+        super().__init__(detail, sample_ids=list(shown), problems=shown, count=len(problems))
+
+
 class IdempotencyKeyMismatch(InvalidInput):
     code, title = "idempotency_key_mismatch", "Idempotency key reused with a different body"
 
@@ -202,6 +223,10 @@ class ReceiptUnavailable(Conflict):
     code, title = "receipt_unavailable", "No job ran for this request, so there is no receipt"
 
 
+class ModelImportFailed(Conflict):
+    code, title = "model_import_failed", "The model's checkpoint import failed"
+
+
 class PreconditionFailed(LetheError):
     status, code, title = 412, "precondition_failed", "Precondition failed"
 
@@ -226,6 +251,12 @@ def to_lethe_error(exc: engine_errors.EngineError) -> LetheError:
         return TestSplitSamples(exc.ids)
     if isinstance(exc, engine_errors.InvalidCheckpoint):
         return InvalidCheckpoint(str(exc))
+    if isinstance(exc, engine_errors.UnsupportedArchitecture):
+        return UnsupportedArchitecture(str(exc), architecture=exc.name)
+    if isinstance(exc, engine_errors.PathOutsideDataset):
+        return PathOutsideDataset(exc.ids, count=exc.count)
+    if isinstance(exc, engine_errors.UnreadableImages):
+        return UnreadableImages(str(exc), exc.problems)
     if isinstance(exc, engine_errors.UnknownName):
         err = InvalidInput(str(exc), known=exc.known)
         err.code = "unknown_name"

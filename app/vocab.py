@@ -63,6 +63,17 @@ class JobKind(StrEnum):
     IMPORT = "import"
 
 
+class ModelStatus(StrEnum):
+    """A model's registration: `ready` once it can take deletion requests (a trained model is
+    ready at once, its train job first in its line); an upload of a library architecture is
+    `importing` while its `import` job checks it on a worker, then `ready` with version 1, or
+    `failed` with the job's problem (nothing published; it takes no deletion requests)."""
+
+    READY = "ready"
+    IMPORTING = "importing"
+    FAILED = "failed"
+
+
 class ReferenceStatus(StrEnum):
     """A model's reference statistics: their job's status until they are stored (`ready`);
     `none` when no reference job was ever scheduled for the model (references were off)."""

@@ -7,8 +7,9 @@ library's defaults with `engine.library_models.describe_model`.
 
 Architecture names: the built-ins (`engine.arch_shapes.ARCHITECTURES`), `timm:<name>` (any
 timm 1.x classification model) and `torchvision:<name>` (any `torchvision.models`
-classification builder). `split_arch` checks the form only; whether the library has the model
-and whether its head can be found is checked on a worker.
+classification builder). `split_arch` checks the form only; `check_library_name` checks a
+library name against the installed libraries' model lists (`engine.library_names`, torch-free);
+whether the model's head can be found is checked on a worker.
 """
 
 from __future__ import annotations
@@ -53,6 +54,23 @@ def split_arch(arch: str) -> tuple[str | None, str]:
 def is_library_arch(arch: str) -> bool:
     """True for `timm:` and `torchvision:` names (form only, torch-free)."""
     return arch.split(":", 1)[0] in LIBRARIES and ":" in arch
+
+
+def check_library_name(arch: str) -> None:
+    """Refuse (`UnsupportedArchitecture`) a `timm:`/`torchvision:` name the library lacks.
+
+    Torch-free: the names come from `engine.library_names`, generated from the installed
+    libraries. Built-in names pass (`split_arch` checks them)."""
+    from engine import library_names
+
+    library, name = split_arch(arch)
+    known = {"timm": library_names.TIMM, "torchvision": library_names.TORCHVISION}.get(library or "")
+    if known is not None and name not in known:
+        version = {"timm": library_names.TIMM_VERSION,
+                   "torchvision": library_names.TORCHVISION_VERSION}[str(library)]
+        raise UnsupportedArchitecture(
+            arch, f"{library} {version} has no classification model {name!r}; supported: {SUPPORTED}"
+        )
 
 
 @dataclass(frozen=True)

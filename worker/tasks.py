@@ -51,7 +51,7 @@ from app.queue import QUEUE, RUN_JOB
 from app.services import jobs as job_service
 from app.services import references as reference_service
 from app.settings import Settings, get_settings
-from app.vocab import JobKind, JobPhase, JobStatus
+from app.vocab import FINAL_JOB_STATUSES, JobKind, JobPhase, JobStatus
 from engine.errors import Cancelled, InvalidInput
 from models_store import Store
 
@@ -59,6 +59,7 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
     from engine.jobs import JobOutput, ModelSpec, Progress, ReferenceOutput
+    from engine.model_desc import ModelDescription
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +257,20 @@ def _error_text(exc: BaseException) -> str:
     return text[:MAX_ERROR_CHARS]
 
 
+def _description(ticket: job_service.JobTicket) -> ModelDescription | None:
+    """The model's input description: the stored one completed with the library's defaults
+    (the values an import job stored are complete already); None for a built-in."""
+    from engine.model_desc import is_library_arch
+
+    if not is_library_arch(ticket.arch):
+        return None
+    from engine.library_models import describe_model
+
+    given = ticket.description or {}
+    return describe_model(ticket.arch, int(ticket.num_classes), input_size=given.get("input_size"),
+                          preprocessing=given.get("preprocessing"))
+
+
 def _spec(ticket: job_service.JobTicket) -> ModelSpec:
     """The engine's view of the ticket's model (imports the engine)."""
     from engine.datasets import DatasetSpec
@@ -270,14 +285,23 @@ def _spec(ticket: job_service.JobTicket) -> ModelSpec:
             options=dict(ticket.dataset_options),
         ),
         recipe=Recipe.from_dict(dict(ticket.recipe)),
+        description=_description(ticket),
     )
 
 
 def _execute(ticket: job_service.JobTicket, reporter: _JobReporter) -> JobOutput:
     """Run the engine for a claimed job (imports torch: call only in the job's process)."""
-    from engine.jobs import run_train, run_unlearn
+    from engine.jobs import run_import, run_train, run_unlearn
 
     spec = _spec(ticket)
+    if ticket.kind == JobKind.IMPORT:
+        assert ticket.base_checkpoint is not None  # the upload, fixed at claim time
+        return run_import(
+            spec,
+            ticket.base_checkpoint,
+            on_progress=reporter.on_progress,
+            should_cancel=reporter.should_cancel,
+        )
     if ticket.kind == JobKind.TRAIN or ticket.base_checkpoint is None:
         return run_train(
             spec,
@@ -392,7 +416,25 @@ def run_job(
     log.info("job %s (%s, attempt %s) claimed by %s", job_id, ticket.kind, ticket.attempt, worker)
     if ticket.attempt > 1:
         _clean_store(sessions, store, ticket.model_name, references=ticket.kind == JobKind.REFERENCE)
+    run = _run_claimed(ticket, worker=worker, settings=settings, sessions=sessions, store=store,
+                       enqueue=enqueue)
+    if ticket.kind == JobKind.IMPORT and run.outcome in FINAL_JOB_STATUSES:
+        _discard_upload(sessions, store, ticket)
+    return run
 
+
+def _run_claimed(
+    ticket: job_service.JobTicket,
+    *,
+    worker: str,
+    settings: Settings,
+    sessions: SessionFactory,
+    store: Store,
+    enqueue: Enqueue | None,
+) -> JobRun:
+    """Run a claimed job through the engine and end it: published, failed or cancelled
+    (`stale` or `interrupted` when this attempt must leave it to another)."""
+    job_id = ticket.job_id
     reporter = _JobReporter(
         sessions,
         job_id,
@@ -470,6 +512,21 @@ def run_job(
         result.verdict,
         tuple(follow_ups),
     )
+
+
+def _discard_upload(sessions: SessionFactory, store: Store, ticket: job_service.JobTicket) -> None:
+    """An import job ended: remove its pending upload (and the upload's manifest) unless a
+    version names the file (version 1 re-saved with the same bytes). A failed import thus
+    leaves nothing stored; a failure here is logged and never touches the job."""
+    try:
+        with sessions() as session:
+            keep = job_service.published_files(session, ticket.model_name)
+        for key in ("upload", "upload_manifest"):
+            path = ticket.method_options.get(key)
+            if path and str(path) not in keep:
+                store.resolve(str(path)).unlink(missing_ok=True)
+    except Exception:
+        log.warning("could not remove the upload of import job %s", ticket.job_id, exc_info=True)
 
 
 def _clean_store(sessions: SessionFactory, store: Store, model: str, *, references: bool) -> None:

@@ -61,7 +61,7 @@ _REGISTRATION_BODY = {
                         "checkpoint": {
                             "type": "string",
                             "format": "binary",
-                            "description": "The safetensors file of version 1",
+                            "description": "The safetensors file of version 1 (never a pickle)",
                         },
                     },
                 },
@@ -127,7 +127,7 @@ def _upload_metadata(form: FormData) -> Any:
     if isinstance(meta_raw, str):
         return _json_part(meta_raw, "metadata")
     meta: dict[str, Any] = {k: v for k, v in form.items() if isinstance(v, str)}
-    for key in ("recipe", "policy"):
+    for key in ("recipe", "policy", "input_size", "preprocessing"):
         if isinstance(meta.get(key), str):
             meta[key] = _json_part(meta[key], key)
     return meta
@@ -173,7 +173,12 @@ async def parse_registration(
     responses={
         **PROBLEM_RESPONSES,
         201: {"description": "Registered with version 1", "links": _MODEL_LINKS},
-        202: {"model": ModelPublic, "description": "Train job queued", "links": _MODEL_LINKS},
+        202: {
+            "model": ModelPublic,
+            "description": "A train job (JSON) or, for a timm:/torchvision: upload, an import "
+            "job queued; `job_id` names it",
+            "links": _MODEL_LINKS,
+        },
     },
     openapi_extra=_REGISTRATION_BODY,
 )
@@ -186,7 +191,9 @@ async def create_model(
     settings: SettingsDep,
 ) -> Any:
     """Register a model: JSON with `init: "train"` (202, a train job) or a multipart upload of
-    a safetensors checkpoint with its `metadata` (201, version 1)."""
+    a safetensors checkpoint with its `metadata`: 201 with version 1 for a built-in
+    architecture, 202 with an `import` job for `timm:`/`torchvision:` (the model is
+    `importing` until the job publishes version 1 or fails the registration)."""
     spec, upload = registration.spec, registration.checkpoint
     sessions = request.app.state.sessions
     common: dict[str, Any] = {
@@ -204,23 +211,25 @@ async def create_model(
         with sessions() as session:
             if upload is None:
                 return models.register_model_train(session, **common)
-            return models.register_model_upload(
+            assert isinstance(spec, ModelUploadMetadata)
+            return models.register_uploaded_model(
                 session,
                 store,
                 checkpoint=upload.file,
                 max_bytes=settings.max_checkpoint_bytes,
+                description=spec.description_overrides(),
                 **common,
             )
 
     reg = await run_in_threadpool(register)
     for job_id in reg.dispatch:
         await run_in_threadpool(request.app.state.dispatcher.enqueue, job_id)
-    if upload is not None:
+    if reg.job_id is None:
         return JSONResponse(
             reg.body, status_code=201, headers={"Location": f"/v1/models/{spec.name}"}
         )
     return JSONResponse(
-        reg.body, status_code=202, headers={"Location": f"/v1/jobs/{reg.enqueue_job_id}"}
+        reg.body, status_code=202, headers={"Location": f"/v1/jobs/{reg.job_id}"}
     )
 
 

@@ -9,10 +9,19 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
 from app.errors import PROBLEM_JSON
-from app.vocab import JobKind, JobPhase, JobStatus, ReferenceStatus, RequestStatus, VerifyMode
+from app.vocab import (
+    JobKind,
+    JobPhase,
+    JobStatus,
+    ModelStatus,
+    ReferenceStatus,
+    RequestStatus,
+    VerifyMode,
+)
 from engine.arch_shapes import ARCHITECTURES
 from engine.catalog import DEFAULT_METHOD, METHOD_NAMES, METHODS, OPTIMIZERS
 from engine.datasets import ADAPTERS
+from engine.model_desc import CROPS, INTERPOLATIONS
 
 #: Printable IDs only: no control characters (PostgreSQL text cannot hold NUL).
 SampleId = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
@@ -26,11 +35,23 @@ if TYPE_CHECKING:
     DatasetKind = str
     Architecture = str
     Optimizer = str
+    Crop = str
+    Interpolation = str
 else:
     MethodName = Literal[METHOD_NAMES]
     DatasetKind = Literal[tuple(ADAPTERS)]
     Architecture = Literal[ARCHITECTURES]
     Optimizer = Literal[OPTIMIZERS]
+    Crop = Literal[CROPS]
+    Interpolation = Literal[INTERPOLATIONS]
+
+#: `library:name` of a library classifier; the name is checked against the library's model
+#: list at registration (422 `unsupported_architecture` when it has no such model).
+LibraryArchitecture = Annotated[
+    str,
+    StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,30}:[A-Za-z0-9_.-]{1,100}$"),
+    Field(description="`timm:<name>` or `torchvision:<name>`, e.g. `timm:resnet50`"),
+]
 
 _RFC3339 = re.compile(
     r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2})$"
@@ -271,10 +292,47 @@ class ModelTrainCreate(ModelCreate):
     init: Literal["train"]
 
 
-class ModelUploadMetadata(ModelCreate):
-    """The `metadata` part of a multipart `POST /v1/models`: version 1 is the uploaded file."""
+_Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+_Unit = Annotated[float, Field(allow_inf_nan=False)]
 
+
+class Preprocessing(_Strict):
+    """How an image file becomes the model's input (omitted members: the library's defaults).
+
+    `crop: "center"` resizes the shorter side to `resize` pixels, then takes the centre
+    `input_size` crop (timm's and torchvision's evaluation transform); `crop: "squash"`
+    resizes straight to `input_size`. Then `(x / 255 - mean) / std` per channel."""
+
+    mean: list[_Unit] | None = Field(default=None, min_length=1, max_length=3)
+    std: list[_Positive] | None = Field(default=None, min_length=1, max_length=3)
+    resize: int | None = Field(default=None, ge=1, le=8192)
+    crop: Crop | None = None
+    interpolation: Interpolation | None = None
+
+
+class ModelUploadMetadata(ModelCreate):
+    """The `metadata` part of a multipart `POST /v1/models`: version 1 is the uploaded file
+    (a built-in, 201), or the file once an `import` job has loaded it strictly on a worker (a
+    library architecture, 202). `input_size` and `preprocessing` apply to library
+    architectures only; omitted, they come from the library's own configuration."""
+
+    architecture: Architecture | LibraryArchitecture
+    input_size: list[Annotated[int, Field(ge=1, le=8192)]] | None = Field(
+        default=None, min_length=3, max_length=3, description="[C, H, W]; C is 1 or 3"
+    )
+    preprocessing: Preprocessing | None = None
     init: Literal["upload"] | None = None
+
+    def description_overrides(self) -> dict[str, Any]:
+        """The input description the caller gave (the import job adds the library's defaults)."""
+        given: dict[str, Any] = {}
+        if self.input_size is not None:
+            given["input_size"] = list(self.input_size)
+        if self.preprocessing is not None:
+            prep = self.preprocessing.model_dump(exclude_none=True)
+            if prep:
+                given["preprocessing"] = prep
+        return given
 
 
 class ModelPublic(_Open):
@@ -289,6 +347,15 @@ class ModelPublic(_Open):
     forgotten_count: int
     pending_requests: int
     policy: dict[str, Any]
+    status: ModelStatus = Field(
+        description="`ready`; `importing` while the upload's `import` job runs; `failed` after "
+        "a failed import (see `error`; the model takes no deletion requests)"
+    )
+    description: dict[str, Any] | None = Field(
+        description="Library architectures: `input_size`, `in_chans` and `preprocessing` (as "
+        "given until the import job completes them with the library's defaults)"
+    )
+    error: dict[str, Any] | None = Field(description="A failed import's `{code, message}`")
     created_at: str
 
 

@@ -104,6 +104,13 @@ class ModelRow(Base):
     latest_version: Mapped[int | None]
     forgotten_count: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime]
+    #: `app.vocab.ModelStatus`: ready, importing (an upload checked on a worker) or failed.
+    status: Mapped[str] = mapped_column(String(16), default="ready", server_default="ready")
+    #: Input size and preprocessing (`engine.model_desc.ModelDescription` as JSON): what the
+    #: caller gave at registration, completed with the library's defaults by the import job.
+    description: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    #: Why the registration failed: the import job's problem `{code, message}`.
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class ModelVersion(Base):

@@ -1,7 +1,8 @@
 """Datasets: register (index every sample through `engine.datasets`), show, list samples.
 
-Registration loads the dataset once with the torch-free adapters and writes its index (sample
-ID, split, label) to the `samples` table; deletion requests are validated against it
+Registration loads the dataset once with the torch-free adapters (a streamed dataset's files
+are checked on a random sample of rows) and writes its index (sample ID, split, label) to the
+`samples` table; deletion requests are validated against it
 without touching the data again.
 """
 
@@ -21,6 +22,7 @@ from app.services.common import Page, bulk_insert, decode_cursor, encode_cursor,
 from app.services.transactions import read_only, unit_of_work
 from engine import errors as engine_errors
 from engine.datasets import Dataset, DatasetSpec, load_dataset
+from engine.manifest import check_files
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
@@ -78,10 +80,13 @@ def register_dataset(
 
 
 def _load(name: str, kind: str, uri: str, options: dict[str, Any]) -> Dataset:
-    """The dataset through its torch-free adapter; a bad kind, URI or option is the caller's
-    input error."""
+    """The dataset through its torch-free adapter, with a random sample of a streamed
+    dataset's image files opened (missing or unreadable ones are named by sample ID); a bad
+    kind, URI, option or file is the caller's input error."""
     try:
-        return load_dataset(DatasetSpec(kind=kind, uri=uri, options=options), name)
+        ds = load_dataset(DatasetSpec(kind=kind, uri=uri, options=options), name)
+        check_files(ds)
+        return ds
     except engine_errors.EngineError as exc:
         raise to_lethe_error(exc) from None
     except (TypeError, ValueError, IndexError, OverflowError, KeyError, OSError) as exc:

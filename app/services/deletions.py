@@ -23,6 +23,7 @@ from app.errors import (
     DuplicateSampleIds,
     InvalidInput,
     InvalidMethodOptions,
+    ModelImportFailed,
     ModelNotFound,
     NotCancellable,
     PayloadTooLarge,
@@ -48,7 +49,15 @@ from app.services.jobs import cancel_in_transaction, create_job, job_queued_even
 from app.services.transactions import read_only, unit_of_work
 from app.services.views import request_public
 from app.settings import Settings
-from app.vocab import OPEN_REQUEST_STATUSES, JobKind, JobStatus, RequestStatus, Split, VerifyMode
+from app.vocab import (
+    OPEN_REQUEST_STATUSES,
+    JobKind,
+    JobStatus,
+    ModelStatus,
+    RequestStatus,
+    Split,
+    VerifyMode,
+)
 from engine import catalog
 
 #: A request can be cancelled only while it waits; once its job runs, it runs to its end.
@@ -66,9 +75,18 @@ class Submitted:
 
 
 def _get_model(session: Session, name: str) -> ModelRow:
+    """The model a request names; one whose import failed has no version and takes none."""
     model = session.scalar(select(ModelRow).where(ModelRow.name == name))
     if model is None:
         raise ModelNotFound(f"no model named {name!r}", model=name)
+    if model.status == ModelStatus.FAILED:
+        error = model.error or {}
+        raise ModelImportFailed(
+            f"model {name!r} has no version: its checkpoint import failed "
+            f"({error.get('code')}: {error.get('message')}); register the corrected checkpoint "
+            "under a new name",
+            model=name, import_error=error,
+        )
     return model
 
 

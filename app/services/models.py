@@ -1,8 +1,12 @@
-"""Models and versions: registration (upload → v1, or a train job), views, downloads.
+"""Models and versions: registration (upload → v1, an upload → an import job, or a train
+job), views, downloads.
 
-An uploaded checkpoint is validated without torch (safetensors header, dtypes, every key and
-shape of the architecture for the dataset's input shape) and stored durably before the
-model and version rows commit. Every checkpoint download is an audit event.
+An uploaded checkpoint is validated without torch (safetensors header, dtypes; for a built-in
+architecture every key and shape for the dataset's input shape) and stored durably before the
+rows commit. A built-in upload is version 1 at once; an upload of a `timm:`/`torchvision:`
+architecture is stored pending (model status `importing`) and an `import` job loads it
+strictly on a worker, which publishes version 1 or fails the registration. Every checkpoint
+download is an audit event.
 """
 
 from __future__ import annotations
@@ -34,9 +38,10 @@ from app.services.policy import merge_policy
 from app.services.references import schedule_references
 from app.services.transactions import read_only, unit_of_work
 from app.settings import Settings
-from app.vocab import OPEN_REQUEST_STATUSES, JobKind
+from app.vocab import OPEN_REQUEST_STATUSES, JobKind, ModelStatus
 from engine import errors as engine_errors
 from engine.arch_shapes import ARCHITECTURES, param_shapes
+from engine.model_desc import check_library_name, is_library_arch
 from models_store import Store, StoredCheckpoint
 
 
@@ -56,7 +61,7 @@ class Registered:
 
     @property
     def job_id(self) -> str | None:
-        """The train job's id (None for an upload)."""
+        """The train or import job's id (None for an upload of a built-in)."""
         return self.enqueue_job_id
 
 
@@ -83,18 +88,68 @@ def _check_spec(
             field="architecture",
             known=list(ARCHITECTURES),
         )
+    _check_classes(ds, num_classes)
+    try:
+        param_shapes(architecture, num_classes, (ds.in_channels, ds.height, ds.width))
+    except engine_errors.EngineError as exc:
+        raise to_lethe_error(exc) from None
+    _check_name_free(session, name)
+    return ds
+
+
+def _check_classes(ds: DatasetRow, num_classes: int) -> None:
     if num_classes < ds.num_classes:
         raise InvalidInput(
             f"num_classes {num_classes} is below the dataset's {ds.num_classes} classes",
             field="num_classes",
         )
-    try:
-        param_shapes(architecture, num_classes, (ds.in_channels, ds.height, ds.width))
-    except engine_errors.EngineError as exc:
-        raise to_lethe_error(exc) from None
+
+
+def _check_name_free(session: Session, name: str) -> None:
     if session.scalar(select(ModelRow.id).where(ModelRow.name == name)) is not None:
         raise AlreadyExists(f"model {name!r} exists")
+
+
+def _check_library_spec(
+    session: Session,
+    *,
+    name: str,
+    dataset: str,
+    architecture: str,
+    num_classes: int,
+    description: dict[str, Any],
+) -> DatasetRow:
+    """A library architecture's registration, checked torch-free: the name against the
+    library's model list, the label count against the dataset, the input description's
+    members against each other. Whether the checkpoint fits is the import job's to say."""
+    check_name(name, "name")
+    ds = get_dataset_row(session, dataset)
+    try:
+        check_library_name(architecture)
+    except engine_errors.EngineError as exc:
+        raise to_lethe_error(exc) from None
+    _check_classes(ds, num_classes)
+    _check_description(description)
+    _check_name_free(session, name)
     return ds
+
+
+def _check_description(description: dict[str, Any]) -> None:
+    """Refuse an input description whose members disagree (each member's own range is the
+    schema's): images are read as 1 or 3 channels, one mean and std per channel (or one)."""
+    size = description.get("input_size")
+    prep = description.get("preprocessing") or {}
+    channels = int(size[0]) if size else None
+    if channels not in (None, 1, 3):
+        raise InvalidInput("input_size[0] (channels) must be 1 or 3", field="input_size")
+    mean, std = prep.get("mean"), prep.get("std")
+    if mean is not None and std is not None and len(mean) != len(std):
+        raise InvalidInput("preprocessing mean and std need as many values", field="preprocessing")
+    for values in (mean, std):
+        if values is not None and channels is not None and len(values) not in (1, channels):
+            raise InvalidInput(
+                f"preprocessing mean and std need 1 or {channels} values", field="preprocessing"
+            )
 
 
 def _new_model(
@@ -105,8 +160,12 @@ def _new_model(
     num_classes: int,
     recipe: dict[str, Any],
     policy: dict[str, Any] | None,
+    status: ModelStatus = ModelStatus.READY,
+    description: dict[str, Any] | None = None,
 ) -> ModelRow:
     return ModelRow(
+        status=status,
+        description=description,
         name=name,
         dataset_id=ds.id,
         architecture=architecture,
@@ -137,6 +196,7 @@ def _record_registration(
             "recipe": model.recipe,
             "policy": model.policy,
             "init": init,
+            "description": model.description,
         },
     )
 
@@ -250,6 +310,115 @@ def register_model_upload(
         return Registered(model_public(session, model), None, ref_id)
 
 
+def register_uploaded_model(
+    session: Session,
+    store: Store,
+    *,
+    architecture: str,
+    description: dict[str, Any] | None = None,
+    **registration: Any,
+) -> Registered:
+    """Register an upload: version 1 at once for a built-in architecture, an `import` job for
+    a `timm:`/`torchvision:` one (`register_model_upload`, `register_model_import`)."""
+    if is_library_arch(architecture):
+        return register_model_import(session, store, architecture=architecture,
+                                     description=description, **registration)
+    if description:
+        raise InvalidInput(
+            "input_size and preprocessing apply to timm:/torchvision: architectures; a built-in "
+            "reads the dataset's images as they are", field="input_size",
+        )
+    return register_model_upload(session, store, architecture=architecture, **registration)
+
+
+def register_model_import(
+    session: Session,
+    store: Store,
+    *,
+    principal: Principal,
+    name: str,
+    dataset: str,
+    architecture: str,
+    num_classes: int,
+    recipe: dict[str, Any],
+    checkpoint: BinaryIO,
+    settings: Settings,
+    description: dict[str, Any] | None = None,
+    policy: dict[str, Any] | None = None,
+    max_bytes: int | None = None,
+) -> Registered:
+    """Register a `timm:`/`torchvision:` model from an uploaded safetensors checkpoint: the
+    file is checked torch-free and stored pending, the model is `importing`, and an `import`
+    job (with the reference job, when `settings.references`) is queued in one transaction.
+    The job loads the file strictly on a worker and publishes version 1, or fails the
+    registration naming what does not fit."""
+    given = dict(description or {})
+    with read_only(session):
+        ds = _check_library_spec(session, name=name, dataset=dataset, architecture=architecture,
+                                 num_classes=num_classes, description=given)
+        merged = merge_policy(policy)
+    stored = _store_upload(store, name, checkpoint, _pending_manifest(
+        ds, name=name, architecture=architecture, num_classes=num_classes, description=given,
+    ), max_bytes=max_bytes)
+    with unit_of_work(session):
+        model = _new_model(
+            get_dataset_row(session, dataset), name=name, architecture=architecture,
+            num_classes=num_classes, recipe=recipe, policy=merged,
+            status=ModelStatus.IMPORTING, description=given,
+        )
+        _add_model(session, model)
+        _record_registration(session, actor=principal.name, model=model, dataset=dataset, init="import")
+        job = create_job(session, model, kind=JobKind.IMPORT, method="import", actor=principal.name,
+                         method_options=_upload_options(store, stored))
+        ref_id = schedule_references(session, model, settings=settings, actor=principal.name)
+    with read_only(session):
+        body = model_public(session, model)
+    body["job_id"] = job.id
+    return Registered(body, job.id, ref_id)
+
+
+def _store_upload(
+    store: Store, name: str, checkpoint: BinaryIO, manifest: dict[str, Any], *, max_bytes: int | None
+) -> StoredCheckpoint:
+    """Copy the upload into the store, checked torch-free (a pickle, whatever its name, or a
+    file over `max_bytes` is `invalid_checkpoint`, and nothing is left behind)."""
+    try:
+        return store.put_file(name, checkpoint, manifest, max_bytes=max_bytes)
+    except engine_errors.InvalidCheckpoint as exc:
+        raise InvalidCheckpoint(str(exc)) from None
+    except engine_errors.EngineError as exc:
+        raise to_lethe_error(exc) from None
+
+
+def _pending_manifest(
+    ds: DatasetRow, *, name: str, architecture: str, num_classes: int, description: dict[str, Any]
+) -> dict[str, Any]:
+    """The manifest stored beside a pending upload (not a version: its import job decides).
+    It names no `architecture` member, so the store checks the file's header only."""
+    return {
+        "format": "lethe.upload/1",
+        "model": name,
+        "kind": "import",
+        "declared": {
+            "architecture": architecture,
+            "num_classes": num_classes,
+            "description": description,
+            "dataset": ds.name,
+        },
+        "created_at": rfc3339(utcnow()),
+    }
+
+
+def _upload_options(store: Store, stored: StoredCheckpoint) -> dict[str, Any]:
+    """What the import job's options say about its file (store-relative paths, digest)."""
+    return {
+        "upload": store.relative(stored.path),
+        "upload_manifest": store.relative(stored.manifest_path),
+        "sha256": stored.sha256,
+        "size_bytes": stored.size_bytes,
+    }
+
+
 def _upload_manifest(
     ds: DatasetRow, *, name: str, architecture: str, num_classes: int, recipe: dict[str, Any]
 ) -> dict[str, Any]:
@@ -330,6 +499,9 @@ def model_public(session: Session, model: ModelRow) -> dict[str, Any]:
         "num_classes": model.num_classes,
         "recipe": model.recipe,
         "policy": model.policy,
+        "status": model.status,
+        "description": model.description,
+        "error": model.error,
         "latest_version": model.latest_version,
         "forgotten_count": model.forgotten_count,
         "pending_requests": int(pending or 0),

@@ -74,7 +74,7 @@ def evaluate(
     floor = policy.get("min_acc_test")
     if floor is not None and acc_test is not None:
         check("min_acc_test", acc_test, floor, acc_test >= floor)
-    if kind != "train":
+    if kind not in ("train", "import"):  # v1: no parent, nothing forgotten
         parent_test = _num(parent_metrics, "acc_test")
         limit = policy.get("max_acc_test_drop")
         if limit is not None and acc_test is not None and parent_test is not None:

@@ -71,6 +71,9 @@ class JobTicket:
     #: The model's ready reference statistics (absolute path) for an unlearning job; None
     #: while they are not ready (the job's evidence then says "references pending").
     reference_stats: str | None = None
+    #: The model's input description (`engine.model_desc`, as JSON; None for a built-in):
+    #: what the caller gave until its import job completed it with the library's defaults.
+    description: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -186,6 +189,8 @@ def _take(session: Session, job_id: str, worker: str, *, now: datetime, cutoff: 
 
 #: Job kinds that unlearn (they read the model's reference statistics).
 _UNLEARNING_KINDS = (JobKind.UNLEARN, JobKind.RETRAIN)
+#: Job kinds that run for the model itself, not for deletion requests.
+_MODEL_KINDS = (JobKind.TRAIN, JobKind.REFERENCE, JobKind.IMPORT)
 #: Reference statistics that are still being computed.
 _PENDING_REFERENCES = (ReferenceStatus.QUEUED, ReferenceStatus.RUNNING)
 
@@ -207,7 +212,7 @@ def _refusal(claim: _Claim) -> AfterClaim | None:
     """What ends a claimed job that has nothing to run on: a deletion job whose requests were
     all cancelled, or an unlearning job of a model with no published version."""
     job = claim.job
-    if job.kind not in (JobKind.TRAIN, JobKind.REFERENCE) and not claim.requests:
+    if job.kind not in _MODEL_KINDS and not claim.requests:
         return functools.partial(mark_cancelled, job_id=job.id, actor="system")
     if job.kind == JobKind.UNLEARN and claim.model.latest_version is None:
         error = "the model has no published version to unlearn from"
@@ -221,9 +226,11 @@ def _start(session: Session, claim: _Claim, store: Store) -> JobTicket | None:
     job, model = claim.job, claim.model
     base_version = model.latest_version
     base_path = None
-    if base_version is not None:
+    if job.kind == JobKind.IMPORT:
+        base_path = str(store.resolve(str(job.method_options["upload"])))
+    elif base_version is not None:
         base_path = str(store.resolve(version_path(session, model.id, base_version)))
-    unlearning = job.kind not in (JobKind.TRAIN, JobKind.REFERENCE)
+    unlearning = job.kind not in _MODEL_KINDS
     forget_ids = pending_forget_ids(session, job) if unlearning else []
     if unlearning and not forget_ids:
         _succeed_without_work(session, claim)
@@ -314,4 +321,5 @@ def _ticket(
         attempt=job.attempts,
         input_shape=(dataset.in_channels, dataset.height, dataset.width),
         reference_stats=stats,
+        description=dict(model.description) if model.description else None,
     )

@@ -24,9 +24,10 @@ from app.services.jobs.queries import (
     load_model,
     next_queued_job_id,
     open_requests,
+    reference_row,
 )
 from app.services.transactions import unit_of_work
-from app.vocab import FINAL_JOB_STATUSES, JobPhase, JobStatus, RequestStatus
+from app.vocab import FINAL_JOB_STATUSES, JobKind, JobPhase, JobStatus, ModelStatus, RequestStatus
 
 
 def finish_requests(
@@ -63,6 +64,33 @@ def finish_requests(
             data={"job_id": job.id, "result_version": req.result_version, "error": error},
         )
         enqueue_callback(session, req, model.name)
+
+
+def end_registration(session: Session, job: Job, model: ModelRow, *, actor: str) -> None:
+    """An `import` job ended without publishing: its model's registration fails with the
+    job's problem (it then takes no deletion requests), and its reference job, which has
+    nothing left to serve, is cancelled (in the caller's transaction). Other kinds: nothing."""
+    if job.kind != JobKind.IMPORT:
+        return
+    error = job.error or {"code": "cancelled", "message": "the import job was cancelled"}
+    model.status, model.error = ModelStatus.FAILED, error
+    session.flush()
+    append_event(
+        session,
+        actor=actor,
+        action="model.registration_failed",
+        subject=f"model:{model.name}",
+        model=model.name,
+        data={"job_id": job.id, "error": error},
+    )
+    reference = reference_row(session, model.id)
+    ref_job = session.get(Job, reference.job_id) if reference and reference.job_id else None
+    if ref_job is not None and ref_job.status not in FINAL_JOB_STATUSES:
+        if ref_job.status == JobStatus.QUEUED:
+            cancel_in_transaction(session, ref_job, model, actor=actor)
+        else:
+            ref_job.cancel_requested = True  # its worker stops at its next step
+            session.flush()
 
 
 def next_jobs(session: Session, model_id: int) -> list[str]:
@@ -105,6 +133,7 @@ def fail_job(
             model=model.name,
             data={"code": code, "error": error, "attempts": job.attempts},
         )
+        end_registration(session, job, model, actor=who)
         return next_jobs(session, model.id)
 
 
@@ -123,6 +152,7 @@ def cancel_in_transaction(session: Session, job: Job, model: ModelRow, *, actor:
         model=model.name,
         data={"attempts": job.attempts},
     )
+    end_registration(session, job, model, actor=actor)
 
 
 def mark_cancelled(session: Session, job_id: str, *, actor: str | None = None) -> list[str]:

@@ -8,7 +8,7 @@ from sqlalchemy.orm import Session
 from app.db.models import DeletionRequest, Job, JobRequest, ModelRow
 from app.db.types import utcnow
 from app.services.audit import append_event
-from app.services.jobs.endings import finish_requests
+from app.services.jobs.endings import end_registration, finish_requests
 from app.services.jobs.judging import Judgement
 from app.services.jobs.lifecycle import create_job
 from app.services.jobs.queries import load_model, next_queued_job_id, open_requests
@@ -45,6 +45,7 @@ def fail_on_verdict(session: Session, job: Job, judged: Judgement) -> tuple[str 
             "fallback_job_id": fallback.id if fallback else None,
         },
     )
+    end_registration(session, job, model, actor=judged.actor)
     return (fallback.id if fallback else None), next_queued_job_id(session, model.id)
 
 

@@ -25,6 +25,9 @@ from app.services.jobs.queries import (
 )
 from app.vocab import JobKind
 
+#: Job kinds that make version 1 (no parent, nothing to forget).
+_V1_KINDS = (JobKind.TRAIN, JobKind.IMPORT)
+
 
 @dataclass(frozen=True)
 class RunReport:
@@ -89,7 +92,7 @@ def judge(session: Session, job: Job, report: RunReport) -> Judgement:
         model.policy, kind=job.kind, metrics=report.metrics, parent_metrics=parent_metrics,
         gaps=report.gaps,
     )
-    forget_ids = pending_forget_ids(session, job) if job.kind != JobKind.TRAIN else []
+    forget_ids = pending_forget_ids(session, job) if job.kind not in _V1_KINDS else []
     lineage = sorted(set(tombstoned(session, model.id)) | set(forget_ids))
     judgement = Judgement(
         job_id=job.id,
@@ -118,11 +121,7 @@ def _manifest(session: Session, job: Job, model: ModelRow, judged: Judgement) ->
         "parent_version": job.base_version,
         "job_id": job.id,
         "kind": job.kind,
-        "architecture": {
-            "name": model.architecture,
-            "num_classes": model.num_classes,
-            "input_shape": [dataset.in_channels, dataset.height, dataset.width],
-        },
+        "architecture": _architecture(model, dataset, report),
         "dataset": {
             "name": dataset.name,
             "kind": dataset.kind,
@@ -147,3 +146,21 @@ def _manifest(session: Session, job: Job, model: ModelRow, judged: Judgement) ->
         "history_len": len(report.history or []),
         "created_at": rfc3339(utcnow()),
     }
+
+
+def _architecture(model: ModelRow, dataset: DatasetRow, report: RunReport) -> dict[str, Any]:
+    """The manifest's `architecture`: name, classes, input shape; for a library architecture
+    also its full input description (the import job's, then the model's)."""
+    description = (report.method_config or {}).get("description") or model.description
+    if description and "input_size" in description:
+        input_shape = [int(v) for v in description["input_size"]]
+    else:
+        input_shape = [dataset.in_channels, dataset.height, dataset.width]
+    found: dict[str, Any] = {
+        "name": model.architecture,
+        "num_classes": model.num_classes,
+        "input_shape": input_shape,
+    }
+    if description:
+        found["description"] = description
+    return found

@@ -30,7 +30,7 @@ from app.services.jobs.queries import (
     open_requests,
 )
 from app.services.transactions import unit_of_work
-from app.vocab import JobPhase, JobStatus, RequestStatus
+from app.vocab import JobKind, JobPhase, JobStatus, ModelStatus, RequestStatus
 from models_store import Store, StoredCheckpoint
 
 
@@ -188,12 +188,24 @@ def _add_version(
     )
     model.latest_version = new_version
     model.forgotten_count = len(judged.lineage)
+    _settle_registration(model, job, report)
     job.metrics, job.reference, job.gaps = report.all_metrics, report.reference, report.gaps
     job.verdict, job.seconds = judged.verdict, report.seconds
     job.status, job.phase, job.finished_at = JobStatus.SUCCEEDED, JobPhase.DONE, now
     job.result_version = new_version
     job.progress = 1.0
     session.flush()
+
+
+def _settle_registration(model: ModelRow, job: Job, report: RunReport) -> None:
+    """An `import` job published version 1: the model is `ready`, with the full input
+    description the job used (the caller's values completed with the library's defaults)."""
+    if job.kind != JobKind.IMPORT:
+        return
+    model.status = ModelStatus.READY
+    description = (report.method_config or {}).get("description")
+    if description:
+        model.description = description
 
 
 def _announce(

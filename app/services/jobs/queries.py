@@ -210,14 +210,23 @@ def reference_files(session: Session, model_name: str) -> set[str]:
 
 
 def published_files(session: Session, model_name: str) -> set[str]:
-    """Store-relative paths of every checkpoint and manifest the model's versions name."""
+    """Store-relative paths of every checkpoint and manifest the model's versions name, and
+    the pending upload of its import job while that job is queued or running."""
     with read_only(session):
         rows = session.execute(
             select(ModelVersion.path, ModelVersion.manifest_path)
             .join(ModelRow, ModelRow.id == ModelVersion.model_id)
             .where(ModelRow.name == model_name)
         ).all()
-    return {path for row in rows for path in row}
+        imports = session.scalars(
+            select(Job.method_options)
+            .join(ModelRow, ModelRow.id == Job.model_id)
+            .where(ModelRow.name == model_name)
+            .where(Job.kind == JobKind.IMPORT)
+            .where(Job.status.in_(ACTIVE_JOB_STATUSES))
+        ).all()
+    pending = {str(o[key]) for o in imports for key in ("upload", "upload_manifest") if o and key in o}
+    return {path for row in rows for path in row} | pending
 
 
 def get_job(session: Session, job_id: str) -> dict[str, Any]:
