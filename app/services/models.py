@@ -41,7 +41,7 @@ from app.settings import Settings
 from app.vocab import OPEN_REQUEST_STATUSES, JobKind, ModelStatus
 from engine import errors as engine_errors
 from engine.arch_shapes import ARCHITECTURES, param_shapes
-from engine.model_desc import check_library_name, is_library_arch
+from engine.model_desc import check_library_name
 from models_store import Store, StoredCheckpoint
 
 
@@ -320,7 +320,7 @@ def register_uploaded_model(
 ) -> Registered:
     """Register an upload: version 1 at once for a built-in architecture, an `import` job for
     a `timm:`/`torchvision:` one (`register_model_upload`, `register_model_import`)."""
-    if is_library_arch(architecture):
+    if ":" in architecture:  # `library:name`; an unknown library is `unsupported_architecture`
         return register_model_import(session, store, architecture=architecture,
                                      description=description, **registration)
     if description:

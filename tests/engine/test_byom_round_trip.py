@@ -4,16 +4,19 @@ user code with strict loading and the same predictions as the worker's."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
-import timm
-import timm.data
 import torch
-import torchvision
+from byom_user import (
+    CLASSES,
+    SIZE,
+    timm_user_model,
+    torchvision_user_model,
+    train_elsewhere,
+    user_batch,
+)
+from byom_user import manifest_rows as _rows
 from image_folder import write_image_folder
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from engine.checkpoint import bytes_to_state, load_model
@@ -24,69 +27,15 @@ from engine.library_models import describe_model
 from engine.metrics import infer
 from engine.training import Recipe
 
-CLASSES = 4
-SIZE = (3, 32, 32)
-
-
-def timm_user_model() -> torch.nn.Module:
-    return timm.create_model("test_resnet", num_classes=CLASSES)
-
-
-def torchvision_user_model() -> torch.nn.Module:
-    return torchvision.models.mobilenet_v3_small(num_classes=CLASSES)
-
-
 CASES = {
     "timm": ("timm:test_resnet", timm_user_model, 1, ""),
     "torchvision": ("torchvision:mobilenet_v3_small", torchvision_user_model, 0, "module."),
 }
 
 
-def user_transform(arch: str):  # type: ignore[no-untyped-def]
-    """The evaluation transform a user of the library writes, with no Lethe code."""
-    if arch.startswith("timm:"):
-        cfg = timm.get_pretrained_cfg("test_resnet")
-        return timm.data.create_transform(input_size=SIZE, interpolation=cfg.interpolation,
-                                          mean=cfg.mean, std=cfg.std, crop_pct=cfg.crop_pct)
-    t = torchvision.transforms
-    return t.Compose([t.Resize(int(32 * 256 / 224)), t.CenterCrop(32), t.ToTensor(),
-                      t.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
-
-
-def user_batch(folder: Path, rows: list[tuple[str, int]], arch: str) -> tuple[torch.Tensor, torch.Tensor]:
-    tf = user_transform(arch)
-    xs = []
-    for rel, _ in rows:
-        with Image.open(folder / rel) as im:
-            xs.append(tf(im.convert("RGB")))
-    return torch.stack(xs), torch.tensor([label for _, label in rows])
-
-
-def train_elsewhere(make, folder: Path, rows, arch: str, prefix: str, out: Path) -> None:  # type: ignore[no-untyped-def]
-    """A plain PyTorch training loop outside Lethe, saved with safetensors."""
-    torch.manual_seed(0)
-    net = make()
-    x, y = user_batch(folder, rows, arch)
-    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
-    net.train()
-    for _ in range(15):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(net(x), y).backward()
-        opt.step()
-    save_file({prefix + k: v.contiguous() for k, v in net.state_dict().items()}, str(out))
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     return write_image_folder(tmp_path_factory.mktemp("byom"))
-
-
-def _rows(manifest: Path, split: str) -> list[tuple[str, str, int]]:
-    import csv
-
-    with manifest.open(newline="") as f:
-        return [(r["sample_id"], r["path"], int(r["label"])) for r in csv.DictReader(f)
-                if r["split"] == split]
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
