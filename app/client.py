@@ -23,6 +23,7 @@ message text. Responses are returned as the JSON objects the API documents, type
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -566,6 +567,31 @@ class LetheClient:
         }
         body.update(extra)
         return cast(dict[str, Any], self._json("POST", "/v1/models", json=body))
+
+    def upload_model(
+        self,
+        name: str,
+        checkpoint: str | Path,
+        *,
+        dataset: str,
+        architecture: str,
+        num_classes: int,
+        recipe: dict[str, Any] | None = None,
+        **metadata: Any,
+    ) -> dict[str, Any]:
+        """`POST /v1/models` as a multipart upload of a safetensors file: 201 with version 1
+        for a built-in architecture; 202 with `job_id` (an `import` job) for `timm:<name>` or
+        `torchvision:<name>`. `metadata` adds members such as `input_size`, `preprocessing`,
+        `policy`."""
+        meta: dict[str, Any] = {"name": name, "dataset": dataset, "architecture": architecture,
+                                "num_classes": num_classes, **metadata}
+        if recipe is not None:
+            meta["recipe"] = recipe
+        with Path(checkpoint).open("rb") as f:
+            files = {"checkpoint": (Path(checkpoint).name, f, "application/octet-stream")}
+            return cast(dict[str, Any], self._json(
+                "POST", "/v1/models", data={"metadata": json.dumps(meta)}, files=files,
+            ))
 
     def get_model(self, name: str) -> Model:
         """`GET /v1/models/{name}`."""
