@@ -52,11 +52,23 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_image_folder(tmp_path_factory.mktemp("pets"))
 
 
+def _client(dep: Any) -> Iterator[TestClient]:
+    with TestClient(create_app(dep.settings)) as client:
+        client.headers["Authorization"] = f"Bearer {dep.admin_key}"
+        yield client
+
+
 @pytest.fixture
 def api(sqlite_deployment: Any) -> Iterator[TestClient]:
-    with TestClient(create_app(sqlite_deployment.settings)) as client:
-        client.headers["Authorization"] = f"Bearer {sqlite_deployment.admin_key}"
-        yield client
+    """The API of the SQLite deployment."""
+    yield from _client(sqlite_deployment)
+
+
+@pytest.fixture
+def on_both(deployment: Any) -> Iterator[tuple[Any, TestClient]]:
+    """A deployment and its API, once on SQLite and once on PostgreSQL."""
+    for client in _client(deployment):
+        yield deployment, client
 
 
 def _register_dataset(api: TestClient, manifest: Path, name: str = "pets") -> Any:
@@ -265,10 +277,10 @@ def _squeezenet_checkpoint(path: Path) -> None:
      ["not a linear layer", "classifier[-1]"]),
 ])
 def test_a_failed_import_publishes_nothing_and_fails_the_registration(
-    arch: str, write: Any, code: str, named: list[str], images: Path, sqlite_deployment: Any,
-    api: TestClient, tmp_path: Path,
+    arch: str, write: Any, code: str, named: list[str], images: Path,
+    on_both: tuple[Any, TestClient], tmp_path: Path,
 ) -> None:
-    dep = sqlite_deployment
+    dep, api = on_both
     assert _register_dataset(api, images).status_code == 201
     path = tmp_path / "w.safetensors"
     write(path)
@@ -295,3 +307,25 @@ def test_a_failed_import_publishes_nothing_and_fails_the_registration(
         assert [j.kind for j in s.scalars(select(Job))] == ["import"]
     actions = [e["action"] for e in api.get("/v1/audit", params={"model": "m"}).json()["items"]]
     assert "model.registration_failed" in actions and "model.version.published" not in actions
+
+
+def test_a_failed_import_cancels_the_reference_job_its_registration_queued(
+    images: Path, deployment_factory: Any, tmp_path: Path
+) -> None:
+    dep = deployment_factory(tmp_path, None, references=True, reference_k=2)
+    try:
+        for api in _client(dep):
+            assert _register_dataset(api, images).status_code == 201
+            path = tmp_path / "w.safetensors"
+            _mismatched_checkpoint(path)
+            resp = _upload(api, "m", "timm:test_resnet", path.read_bytes(), input_size=list(SIZE))
+            assert resp.status_code == 202, resp.text
+            references = api.get("/v1/models/m/references").json()
+            assert references["status"] == "queued" and references["k"] == 2
+
+            assert _work(dep, resp.json()["job_id"]) == "failed"
+            assert api.get("/v1/models/m/references").json()["status"] == "cancelled"
+            assert api.get(f"/v1/jobs/{references['job_id']}").json()["status"] == "cancelled"
+            assert _work(dep, references["job_id"]) == "skipped"
+    finally:
+        dep.engine.dispose()
