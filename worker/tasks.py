@@ -520,11 +520,7 @@ def _discard_upload(sessions: SessionFactory, store: Store, ticket: job_service.
     leaves nothing stored; a failure here is logged and never touches the job."""
     try:
         with sessions() as session:
-            keep = job_service.published_files(session, ticket.model_name)
-        for key in ("upload", "upload_manifest"):
-            path = ticket.method_options.get(key)
-            if path and str(path) not in keep:
-                store.resolve(str(path)).unlink(missing_ok=True)
+            job_service.discard_upload(session, store, ticket.model_name, ticket.method_options)
     except Exception:
         log.warning("could not remove the upload of import job %s", ticket.job_id, exc_info=True)
 

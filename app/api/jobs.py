@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query
 
-from app.api.deps import PagingDep, SessionDep, require
+from app.api.deps import PagingDep, SessionDep, StoreDep, require
 from app.api.schemas import PROBLEM_RESPONSES, JobList, JobPublic
 from app.services import jobs
 from app.services.apikeys import Principal
@@ -44,7 +44,8 @@ def get_job(
 def cancel_job(
     job_id: str,
     session: SessionDep,
+    store: StoreDep,
     principal: Annotated[Principal, Depends(require(Scope.DELETIONS_WRITE))],
 ) -> Any:
     """Cancel a job: at once while queued, at the worker's next step while running."""
-    return jobs.cancel_job(session, job_id, actor=principal.name)
+    return jobs.cancel_job(session, job_id, actor=principal.name, store=store)

@@ -45,13 +45,17 @@ else:
     Crop = Literal[CROPS]
     Interpolation = Literal[INTERPOLATIONS]
 
-#: `library:name` of a library classifier; the name is checked against the library's model
-#: list at registration (422 `unsupported_architecture` when it has no such model).
+#: `library:name` of a library classifier; the name is checked against the installed
+#: library's model list at registration (422 `unsupported_architecture` when it has none).
 LibraryArchitecture = Annotated[
     str,
-    StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,30}:[A-Za-z0-9_.-]{1,100}$"),
-    Field(description="`timm:<name>` or `torchvision:<name>`, e.g. `timm:resnet50`"),
+    StringConstraints(pattern=r"^(timm|torchvision):[A-Za-z0-9_.-]{1,100}$"),
+    Field(description="`timm:<name>` or `torchvision:<name>`, e.g. `timm:resnet50`; a name the "
+          "installed library does not build as a classifier is 422 `unsupported_architecture`"),
 ]
+#: Images are read as grayscale (1) or RGB (3).
+Channels = Literal[1, 3]
+Side = Annotated[int, Field(ge=1, le=8192)]
 
 _RFC3339 = re.compile(
     r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2})$"
@@ -314,13 +318,18 @@ class ModelUploadMetadata(ModelCreate):
     """The `metadata` part of a multipart `POST /v1/models`: version 1 is the uploaded file
     (a built-in, 201), or the file once an `import` job has loaded it strictly on a worker (a
     library architecture, 202). `input_size` and `preprocessing` apply to library
-    architectures only; omitted, they come from the library's own configuration."""
+    architectures only (422 `invalid_input`, field `input_size`, for a built-in); omitted, they
+    come from the library's own configuration."""
 
     architecture: Architecture | LibraryArchitecture
-    input_size: list[Annotated[int, Field(ge=1, le=8192)]] | None = Field(
-        default=None, min_length=3, max_length=3, description="[C, H, W]; C is 1 or 3"
+    input_size: tuple[Channels, Side, Side] | None = Field(
+        default=None, description="[C, H, W]: C is 1 (grayscale) or 3 (RGB)"
     )
-    preprocessing: Preprocessing | None = None
+    preprocessing: Preprocessing | None = Field(
+        default=None,
+        description="`mean` and `std` hold one value per channel of `input_size` (or one for "
+        "all), and as many values each (422 `invalid_input`, field `preprocessing`)",
+    )
     init: Literal["upload"] | None = None
 
     def description_overrides(self) -> dict[str, Any]:

@@ -135,13 +135,11 @@ def _check_library_spec(
 
 
 def _check_description(description: dict[str, Any]) -> None:
-    """Refuse an input description whose members disagree (each member's own range is the
-    schema's): images are read as 1 or 3 channels, one mean and std per channel (or one)."""
+    """Refuse an input description whose members disagree (each member's own range, channels
+    1 or 3 among them, is the schema's): one mean and std per channel (or one for all)."""
     size = description.get("input_size")
     prep = description.get("preprocessing") or {}
     channels = int(size[0]) if size else None
-    if channels not in (None, 1, 3):
-        raise InvalidInput("input_size[0] (channels) must be 1 or 3", field="input_size")
     mean, std = prep.get("mean"), prep.get("std")
     if mean is not None and std is not None and len(mean) != len(std):
         raise InvalidInput("preprocessing mean and std need as many values", field="preprocessing")

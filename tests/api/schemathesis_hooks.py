@@ -24,8 +24,9 @@ STATE_DEPENDENT: dict[tuple[str, str], frozenset[str]] = {
     ("POST", "/v1/deletion-requests"): frozenset({"unknown_sample_ids", "test_split_samples"}),
     # The `uri` (and `options`) must name data the adapter can read.
     ("POST", "/v1/datasets"): frozenset({"invalid_input"}),
-    # The file must be a safetensors checkpoint of the architecture's shapes.
-    ("POST", "/v1/models"): frozenset({"invalid_checkpoint"}),
+    # The file must be a safetensors checkpoint of the architecture's shapes; a `timm:` or
+    # `torchvision:` name must be a classifier of the installed library (its model list).
+    ("POST", "/v1/models"): frozenset({"invalid_checkpoint", "unsupported_architecture"}),
 }
 
 
@@ -47,8 +48,9 @@ def state_dependent(method: str, path: str, status: int, problem: dict[str, Any]
     if code in STATE_DEPENDENT.get((method, path), frozenset()):
         return True
     if (method, path) == ("POST", "/v1/models") and code == "invalid_input":
-        # A model needs at least as many classes as its dataset holds.
-        return problem.get("field") == "num_classes"
+        # A model needs at least as many classes as its dataset holds; an upload's input
+        # description must agree with itself and its architecture (stated in its description).
+        return problem.get("field") in ("num_classes", "input_size", "preprocessing")
     if (method, path) == ("POST", "/v1/deletion-requests") and code == "invalid_method_options":
         # Constraints between options (scrub: max_epochs <= epochs), stated in the
         # options' description; JSON Schema has no way to state them.

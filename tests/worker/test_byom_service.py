@@ -183,7 +183,6 @@ def _assert_nothing_stored(dep: Any, api: TestClient, name: str) -> None:
 @pytest.mark.parametrize(("arch", "says"), [
     ("timm:no_such_model_xyz", "has no classification model 'no_such_model_xyz'"),
     ("torchvision:fcn_resnet50", "has no classification model 'fcn_resnet50'"),
-    ("keras:resnet50", "unknown library 'keras'"),
 ])
 def test_an_unknown_architecture_is_refused_and_nothing_is_stored(
     arch: str, says: str, images: Path, sqlite_deployment: Any, api: TestClient, tmp_path: Path
@@ -193,6 +192,17 @@ def test_an_unknown_architecture_is_refused_and_nothing_is_stored(
     save_file(timm_user_model().state_dict(), str(path))
     body = _problem(_upload(api, "m", arch, path.read_bytes()), 422, "unsupported_architecture")
     assert says in body["detail"] and "timm:<name>" in body["detail"]
+    _assert_nothing_stored(sqlite_deployment, api, "m")
+
+
+def test_an_unknown_library_is_a_validation_error_naming_the_field(
+    images: Path, sqlite_deployment: Any, api: TestClient, tmp_path: Path
+) -> None:
+    assert _register_dataset(api, images).status_code == 201
+    path = tmp_path / "w.safetensors"
+    save_file(timm_user_model().state_dict(), str(path))
+    body = _problem(_upload(api, "m", "keras:resnet50", path.read_bytes()), 422, "validation_error")
+    assert any(e["loc"][:2] == ["body", "architecture"] for e in body["errors"]), body
     _assert_nothing_stored(sqlite_deployment, api, "m")
 
 
@@ -329,3 +339,19 @@ def test_a_failed_import_cancels_the_reference_job_its_registration_queued(
             assert _work(dep, references["job_id"]) == "skipped"
     finally:
         dep.engine.dispose()
+
+
+def test_cancelling_a_queued_import_fails_the_registration_and_removes_the_upload(
+    images: Path, sqlite_deployment: Any, api: TestClient, tmp_path: Path
+) -> None:
+    assert _register_dataset(api, images).status_code == 201
+    path = tmp_path / "w.safetensors"
+    save_file(timm_user_model().state_dict(), str(path))
+    job_id = _upload(api, "m", "timm:test_resnet", path.read_bytes()).json()["job_id"]
+    assert len(_stored_files(sqlite_deployment, "m")) == 2
+    resp = api.post(f"/v1/jobs/{job_id}/cancel")
+    assert resp.status_code == 202 and resp.json()["status"] == "cancelled"
+    model = api.get("/v1/models/m").json()
+    assert model["status"] == "failed" and model["error"]["code"] == "cancelled"
+    assert _stored_files(sqlite_deployment, "m") == []
+    assert _work(sqlite_deployment, job_id) == "skipped"

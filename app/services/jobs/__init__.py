@@ -21,7 +21,13 @@ Modules, in the order a job meets them:
 """
 
 from app.services.jobs.claim import DEFAULT_MAX_ATTEMPTS, JobTicket, claim_job
-from app.services.jobs.endings import cancel_in_transaction, cancel_job, fail_job, mark_cancelled
+from app.services.jobs.endings import (
+    cancel_in_transaction,
+    cancel_job,
+    discard_upload,
+    fail_job,
+    mark_cancelled,
+)
 from app.services.jobs.lifecycle import (
     audit_job_queued,
     create_job,
@@ -52,6 +58,7 @@ __all__ = [
     "complete_job",
     "create_job",
     "create_reference_job",
+    "discard_upload",
     "fail_job",
     "find_stale_jobs",
     "get_job",

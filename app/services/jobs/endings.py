@@ -24,10 +24,12 @@ from app.services.jobs.queries import (
     load_model,
     next_queued_job_id,
     open_requests,
+    published_files,
     reference_row,
 )
 from app.services.transactions import unit_of_work
 from app.vocab import FINAL_JOB_STATUSES, JobKind, JobPhase, JobStatus, ModelStatus, RequestStatus
+from models_store import Store
 
 
 def finish_requests(
@@ -167,14 +169,29 @@ def mark_cancelled(session: Session, job_id: str, *, actor: str | None = None) -
         return next_jobs(session, model.id)
 
 
-def cancel_job(session: Session, job_id: str, *, actor: str) -> dict[str, Any]:
-    """Cancel a queued job now, or flag a running one (the worker stops at its next step)."""
+def discard_upload(session: Session, store: Store, model_name: str, options: dict[str, Any]) -> None:
+    """An `import` job ended: remove its pending upload and the upload's manifest (named by
+    the job's `options`) unless a version names the file (version 1 re-saved with the same
+    bytes). A failed or cancelled import thus leaves nothing stored."""
+    keep = published_files(session, model_name)
+    for key in ("upload", "upload_manifest"):
+        path = options.get(key)
+        if path and str(path) not in keep:
+            store.resolve(str(path)).unlink(missing_ok=True)
+
+
+def cancel_job(
+    session: Session, job_id: str, *, actor: str, store: Store | None = None
+) -> dict[str, Any]:
+    """Cancel a queued job now, or flag a running one (the worker stops at its next step).
+    A queued `import` job's upload is removed from `store` (a running one's by its worker)."""
     with unit_of_work(session):
         job = load_job(session, job_id, lock=True)
         model = load_model(session, job.model_id)
         if job.status in FINAL_JOB_STATUSES:
             raise NotCancellable(f"job {job_id} is {job.status}", status_now=job.status)
         queued = job.status == JobStatus.QUEUED
+        upload = (model.name, dict(job.method_options or {})) if job.kind == JobKind.IMPORT else None
         if not queued:
             job.cancel_requested = True
             session.flush()
@@ -188,4 +205,6 @@ def cancel_job(session: Session, job_id: str, *, actor: str) -> dict[str, Any]:
             )
     if queued:
         mark_cancelled(session, job_id, actor=actor)
+        if store is not None and upload is not None:
+            discard_upload(session, store, *upload)
     return get_job(session, job_id)
