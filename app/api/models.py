@@ -72,11 +72,15 @@ _REGISTRATION_BODY = {
 }
 
 
-_MODEL_LINKS = {
+#: Links of a model whose version 1 is being trained (202): it has no version to read yet.
+_PENDING_MODEL_LINKS = {
     "read": link("GET", "/v1/models/{name}", "The model", name="$response.body#/name"),
     "versions": link(
         "GET", "/v1/models/{name}/versions", "Its versions", name="$response.body#/name"
     ),
+}
+_MODEL_LINKS = {
+    **_PENDING_MODEL_LINKS,
     "latest": link(
         "GET", "/v1/models/{name}/versions/{n}", "Its latest version", name="$response.body#/name",
         n="latest",
@@ -177,7 +181,7 @@ async def parse_registration(
             "model": ModelPublic,
             "description": "A train job (JSON) or, for a timm:/torchvision: upload, an import "
             "job queued; `job_id` names it",
-            "links": _MODEL_LINKS,
+            "links": _PENDING_MODEL_LINKS,
         },
     },
     openapi_extra=_REGISTRATION_BODY,
