@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypedDict, cast
+from urllib.parse import quote
 
 import httpx
 
@@ -135,6 +136,7 @@ class DeletionRequest(TypedDict, total=False):
     verdict: dict[str, Any] | None
     metrics: dict[str, Any] | None
     error: dict[str, Any] | None
+    subjects: dict[str, Any] | None
     received_at: str
     started_at: str | None
     finished_at: str | None
@@ -277,6 +279,16 @@ class ReceiptKey(TypedDict, total=False):
 
 
 #: Each resource type and the OpenAPI component schema it mirrors.
+class Subject(TypedDict, total=False):
+    """`GET /v1/datasets/{name}/subjects/{subject_id}` (schema `SubjectPublic`)."""
+
+    dataset: str
+    subject_id: str
+    dataset_has_subjects: bool
+    sample_count: int
+    splits: dict[str, Any]
+
+
 SCHEMAS: dict[str, type] = {
     "DeletionRequestPublic": DeletionRequest,
     "JobPublic": Job,
@@ -284,6 +296,7 @@ SCHEMAS: dict[str, type] = {
     "VersionPublic": ModelVersion,
     "ReferencesPublic": References,
     "DatasetPublic": Dataset,
+    "SubjectPublic": Subject,
     "ChainVerification": AuditVerification,
     "ReceiptPublic": Receipt,
     "ReceiptKeyPublic": ReceiptKey,
@@ -397,8 +410,9 @@ class LetheClient:
     def create_deletion_request(
         self,
         model: str,
-        sample_ids: list[str],
+        sample_ids: list[str] | None = None,
         *,
+        subject_ids: list[str] | None = None,
         subject_ref: str | None = None,
         reason: str | None = None,
         method: str | None = None,
@@ -407,9 +421,12 @@ class LetheClient:
         callback_url: str | None = None,
         idempotency_key: str | None = None,
     ) -> DeletionRequest:
-        """`POST /v1/deletion-requests`; returns the accepted request resource."""
-        body: dict[str, Any] = {"model": model, "sample_ids": sample_ids}
+        """`POST /v1/deletion-requests` naming samples, data subjects or both; returns the
+        accepted request resource."""
+        body: dict[str, Any] = {"model": model}
         optional = {
+            "sample_ids": sample_ids,
+            "subject_ids": subject_ids,
             "subject_ref": subject_ref,
             "reason": reason,
             "method": method,
@@ -527,6 +544,11 @@ class LetheClient:
     def get_dataset(self, name: str) -> Dataset:
         """`GET /v1/datasets/{name}`."""
         return cast(Dataset, self._json("GET", f"/v1/datasets/{name}"))
+
+    def get_subject(self, dataset: str, subject_id: str) -> Subject:
+        """`GET /v1/datasets/{name}/subjects/{subject_id}`: the subject's samples per split."""
+        path = f"/v1/datasets/{dataset}/subjects/{quote(subject_id, safe='')}"
+        return cast(Subject, self._json("GET", path))
 
     def list_samples(
         self,

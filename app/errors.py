@@ -6,6 +6,8 @@
     │   ├── UnknownSampleIds            422 unknown_sample_ids     (sample_ids, count)
     │   ├── TestSplitSamples            422 test_split_samples     (sample_ids, count)
     │   ├── DuplicateSampleIds          422 duplicate_sample_ids   (sample_ids, count)
+    │   ├── DuplicateSubjectIds         422 duplicate_subject_ids
+    │   ├── DatasetWithoutSubjects      422 dataset_without_subjects
     │   ├── InvalidMethodOptions        422 invalid_method_options (errors: each option)
     │   ├── InvalidCheckpoint           422 invalid_checkpoint
     │   └── IdempotencyKeyMismatch      422 idempotency_key_mismatch
@@ -110,6 +112,14 @@ class TestSplitSamples(_SampleIdProblem):
 
 class DuplicateSampleIds(_SampleIdProblem):
     code, title, noun = "duplicate_sample_ids", "Duplicate sample IDs", "sample IDs given twice"
+
+
+class DuplicateSubjectIds(InvalidInput):
+    code, title = "duplicate_subject_ids", "Duplicate subject IDs"
+
+
+class DatasetWithoutSubjects(InvalidInput):
+    code, title = "dataset_without_subjects", "The dataset names no data subjects"
 
 
 class InvalidMethodOptions(InvalidInput):

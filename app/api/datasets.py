@@ -1,4 +1,4 @@
-"""`/v1/datasets`: register (admin), read, list, list samples."""
+"""`/v1/datasets`: register (admin), read, list, list samples, look up a data subject."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from app.api.schemas import (
     DatasetList,
     DatasetPublic,
     SampleList,
+    SubjectPublic,
 )
 from app.services import datasets
 from app.services.apikeys import Principal
@@ -67,3 +68,14 @@ def list_samples(
         session, name, split=split, label=label, limit=paging.limit, cursor=paging.cursor
     )
     return {"items": page.items, "next_cursor": page.next_cursor}
+
+
+@router.get("/{name}/subjects/{subject_id}", response_model=SubjectPublic, responses=PROBLEM_RESPONSES)
+def get_subject(
+    name: NamePath,
+    subject_id: Annotated[str, Path(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")],
+    session: SessionDep,
+    _: Annotated[Principal, Depends(require(Scope.MODELS_READ))],
+) -> Any:
+    """How many samples, per split, a data subject has in the dataset (zero when unknown)."""
+    return datasets.get_subject(session, name, subject_id)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
 from app.errors import PROBLEM_JSON
+from app.services.subjects import MAX_SUBJECTS_PER_REQUEST
 from app.vocab import JobKind, JobPhase, JobStatus, ReferenceStatus, RequestStatus, VerifyMode
 from engine.arch_shapes import ARCHITECTURES
 from engine.catalog import DEFAULT_METHOD, METHOD_NAMES, METHODS, OPTIMIZERS
@@ -16,6 +17,7 @@ from engine.datasets import ADAPTERS
 
 #: Printable IDs only: no control characters (PostgreSQL text cannot hold NUL).
 SampleId = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
+SubjectId = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")]
 
 # Closed sets read from their sources (the method catalog, the dataset adapters, the
@@ -91,20 +93,59 @@ def _method_variants(schema: dict[str, Any]) -> None:
     schema["oneOf"] = variants
 
 
-class DeletionRequestCreate(_Strict):
-    """Body of `POST /v1/deletion-requests`. `method_options` are the chosen method's options
-    (each variant of `oneOf` lists one method's, with types, defaults and bounds)."""
+def _request_variants(schema: dict[str, Any]) -> None:
+    """The method variants, and: a request names samples, subjects, or both."""
+    _method_variants(schema)
+    schema["anyOf"] = [{"required": ["sample_ids"]}, {"required": ["subject_ids"]}]
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra=_method_variants)
+
+class DeletionRequestCreate(_Strict):
+    """Body of `POST /v1/deletion-requests`: `sample_ids`, `subject_ids` (data subjects,
+    resolved at intake to their training samples), or both. `method_options` are the chosen
+    method's options (each variant of `oneOf` lists one method's, with types, defaults and
+    bounds)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_request_variants)
 
     model: Annotated[str, StringConstraints(min_length=1, max_length=100)]
-    sample_ids: list[SampleId] = Field(min_length=1, json_schema_extra={"uniqueItems": True})
+    sample_ids: list[SampleId] | None = Field(
+        default=None, min_length=1, json_schema_extra={"uniqueItems": True}
+    )
+    subject_ids: list[SubjectId] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_SUBJECTS_PER_REQUEST,
+        json_schema_extra={"uniqueItems": True},
+        description="Data subjects whose training samples the model forgets",
+    )
     subject_ref: Annotated[str, StringConstraints(max_length=200)] | None = None
     reason: Annotated[str, StringConstraints(max_length=2000)] | None = None
     method: MethodName = DEFAULT_METHOD
     method_options: dict[str, Any] = Field(default_factory=dict)
     verify: VerifyMode = VerifyMode.STANDARD
     callback_url: CallbackUrl | None = Field(default=None, description=CALLBACK_DESCRIPTION)
+
+
+class SubjectResolution(BaseModel):
+    """How a request's `subject_ids` resolved at intake: counts and digests (sha256 over the
+    sorted values joined by newlines) only, never the subject IDs."""
+
+    subject_count: int
+    subjects_without_samples: int
+    resolved_sample_count: int
+    resolved_only_count: int
+    subject_hashes_sha256: str
+    resolved_sample_ids_sha256: str
+
+
+class SubjectPublic(BaseModel):
+    """A data subject's samples in a dataset (subject IDs are stored hashed)."""
+
+    dataset: str
+    subject_id: str
+    dataset_has_subjects: bool
+    sample_count: int
+    splits: dict[str, int]
 
 
 class DeletionRequestPublic(_Open):
@@ -125,6 +166,7 @@ class DeletionRequestPublic(_Open):
     verdict: dict[str, Any] | None
     metrics: dict[str, Any] | None
     error: dict[str, Any] | None
+    subjects: SubjectResolution | None = None
     received_at: str
     started_at: str | None
     finished_at: str | None

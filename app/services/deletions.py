@@ -10,14 +10,21 @@ new one. A request naming only forgotten IDs succeeds at once without a job.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
-from app.db.models import DeletionRequest, IdempotencyKey, Job, JobRequest, ModelRow, RequestSample
+from app.db.models import (
+    DatasetRow,
+    DeletionRequest,
+    IdempotencyKey,
+    Job,
+    JobRequest,
+    ModelRow,
+    RequestSample,
+)
 from app.db.types import utcnow
 from app.errors import (
     DuplicateSampleIds,
@@ -31,6 +38,7 @@ from app.errors import (
     UnknownSampleIds,
 )
 from app.services import idempotency
+from app.services import subjects as subjects_service
 from app.services.apikeys import Principal
 from app.services.audit import Event, append_event, append_events
 from app.services.callbacks import check_callback_url, enqueue_callback
@@ -78,16 +86,18 @@ class _Intake:
 
     model: str
     sample_ids: list[str]
+    subject_ids: list[str]
     subject_ref: str | None
     reason: str | None
     method: str
     method_options: dict[str, Any]
     verify: str
     callback_url: str | None
+    opendsr_request_id: str | None = None
 
     def body(self) -> dict[str, Any]:
         """The request body an Idempotency-Key is bound to."""
-        return {
+        body: dict[str, Any] = {
             "model": self.model,
             "sample_ids": self.sample_ids,
             "subject_ref": self.subject_ref,
@@ -97,6 +107,18 @@ class _Intake:
             "verify": self.verify,
             "callback_url": self.callback_url,
         }
+        if self.subject_ids:  # bodies without subjects keep the hash they always had
+            body["subject_ids"] = self.subject_ids
+        return body
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    """The IDs a request forgets: those it named, plus its subjects' training samples."""
+
+    sample_ids: list[str]
+    subjects: subjects_service.Resolution | None
+    summary: dict[str, Any] | None
 
 
 def submit_deletion_request(
@@ -105,7 +127,8 @@ def submit_deletion_request(
     principal: Principal,
     settings: Settings,
     model: str,
-    sample_ids: list[str],
+    sample_ids: list[str] | None = None,
+    subject_ids: list[str] | None = None,
     subject_ref: str | None = None,
     reason: str | None = None,
     method: str | None = None,
@@ -113,11 +136,13 @@ def submit_deletion_request(
     verify: str = VerifyMode.STANDARD,
     callback_url: str | None = None,
     idempotency_key: str | None = None,
+    opendsr_request_id: str | None = None,
 ) -> Submitted:
     """Validate and accept a deletion request (see the module docstring for the rules)."""
     method = method or catalog.DEFAULT_METHOD
     options = catalog.normalise_method_options(method, method_options or {})
-    intake = _Intake(model, sample_ids, subject_ref, reason, method, options, verify, callback_url)
+    intake = _Intake(model, list(sample_ids or []), list(subject_ids or []), subject_ref, reason,
+                     method, options, verify, callback_url, opendsr_request_id)
     # The key's claim is in this unit of work: a request that fails leaves it free for a retry.
     with unit_of_work(session):
         claim: IdempotencyKey | None = None
@@ -131,40 +156,47 @@ def submit_deletion_request(
             )
             if replay is not None:
                 return Submitted(replay.status_code, replay.body, None, replayed=True)
-        _validate(intake, settings)
-        # Validation and the bulk insert run before the model lock: the lock (and, on
-        # PostgreSQL, the audit chain's) is held only for the job join and the final events.
-        m = _get_model(session, intake.model)
-        forgotten = _check_sample_ids(session, m, intake.sample_ids)
-        req = _store_request(session, m, intake, forgotten, principal)
-        accepted = _accepted_event(req, m, intake, forgotten, principal)
-        enqueue: str | None = None
-        if req.status == RequestStatus.SUCCEEDED:
-            _succeed_at_once(session, req, m, accepted, principal)
-        else:
-            enqueue = _queue(session, req, m, intake, accepted, principal)
-        resource = request_public(req, m.name)
+        resource, enqueue = accept_in_transaction(session, intake, principal, settings)
         if claim is not None:
-            idempotency.finish(claim, 202, resource, req.id)
+            idempotency.finish(claim, 202, resource, str(resource["id"]))
     return Submitted(202, resource, enqueue)
+
+
+def accept_in_transaction(
+    session: Session, intake: _Intake, principal: Principal, settings: Settings
+) -> tuple[dict[str, Any], str | None]:
+    """Validate, store and queue one request in the caller's transaction: its resource and the
+    id of a new job to send to the broker (None when it joined a queued job or needs none)."""
+    _validate(intake, settings)
+    # Validation and the bulk insert run before the model lock: the lock (and, on
+    # PostgreSQL, the audit chain's) is held only for the job join and the final events.
+    m = _get_model(session, intake.model)
+    resolved = _resolve(session, m, intake, settings)
+    forgotten = _check_sample_ids(session, m, resolved.sample_ids)
+    req = _store_request(session, m, intake, resolved, forgotten, principal)
+    accepted = _accepted_event(req, m, intake, resolved, forgotten, principal)
+    enqueue: str | None = None
+    if req.status == RequestStatus.SUCCEEDED:
+        _succeed_at_once(session, req, m, accepted, principal)
+    else:
+        enqueue = _queue(session, req, m, intake, accepted, principal)
+    return request_public(req, m.name), enqueue
 
 
 def _validate(intake: _Intake, settings: Settings) -> None:
     """Refuse what no database state can make valid: no, too many or repeated IDs, an unknown
     method or verification, a callback URL that is not allowed."""
     sample_ids = intake.sample_ids
-    if not sample_ids:
-        raise InvalidInput("sample_ids must name at least one sample", field="sample_ids")
-    if len(sample_ids) > settings.max_ids_per_request:
-        raise PayloadTooLarge(
-            f"at most {settings.max_ids_per_request} sample IDs per request",
-            limit=settings.max_ids_per_request,
-            count=len(sample_ids),
+    if not sample_ids and not intake.subject_ids:
+        raise InvalidInput(
+            "name at least one sample (sample_ids) or data subject (subject_ids)", field="sample_ids"
         )
+    _check_count(len(sample_ids), settings)
     if len(set(sample_ids)) != len(sample_ids):
         seen: set[str] = set()
         dups = sorted({s for s in sample_ids if s in seen or seen.add(s)})  # type: ignore[func-returns-value]
         raise DuplicateSampleIds(dups)
+    subjects_service.check_subject_ids(intake.subject_ids)
     _check_method(intake.method, intake.method_options)
     if intake.verify not in tuple(VerifyMode):
         raise InvalidInput("verify must be 'standard' or 'retrain'", field="verify")
@@ -172,19 +204,47 @@ def _validate(intake: _Intake, settings: Settings) -> None:
         check_callback_url(intake.callback_url, settings)
 
 
+def _check_count(count: int, settings: Settings) -> None:
+    if count > settings.max_ids_per_request:
+        raise PayloadTooLarge(
+            f"at most {settings.max_ids_per_request} sample IDs per request",
+            limit=settings.max_ids_per_request,
+            count=count,
+        )
+
+
+def _resolve(session: Session, m: ModelRow, intake: _Intake, settings: Settings) -> _Resolved:
+    """The named sample IDs plus the training samples of the named subjects (each once)."""
+    if not intake.subject_ids:
+        return _Resolved(intake.sample_ids, None, None)
+    dataset = session.get(DatasetRow, m.dataset_id)
+    assert dataset is not None
+    resolution = subjects_service.resolve(session, dataset, intake.subject_ids)
+    named = set(intake.sample_ids)
+    extra = [s for s in resolution.sample_ids if s not in named]
+    _check_count(len(intake.sample_ids) + len(extra), settings)
+    return _Resolved(intake.sample_ids + extra, resolution, resolution.summary(intake.sample_ids))
+
+
 def _store_request(
-    session: Session, m: ModelRow, intake: _Intake, forgotten: set[str], principal: Principal
+    session: Session,
+    m: ModelRow,
+    intake: _Intake,
+    resolved: _Resolved,
+    forgotten: set[str],
+    principal: Principal,
 ) -> DeletionRequest:
-    """Insert the request and its IDs; it is `succeeded` at once when every ID was already
-    forgotten, else `accepted`. The returned row stays transient: the response is built from
-    it, and its later changes are written with plain UPDATEs."""
+    """Insert the request, its IDs and its subjects (hashed); it is `succeeded` at once when
+    every ID was already forgotten (or its subjects have no training sample), else `accepted`.
+    The returned row stays transient: the response is built from it, and its later changes are
+    written with plain UPDATEs."""
     now = utcnow()
-    all_forgotten = len(forgotten) == len(intake.sample_ids)
+    all_forgotten = len(forgotten) == len(resolved.sample_ids)
     req = DeletionRequest(
         id=new_id("dr"),
         model_id=m.id,
         status=RequestStatus.SUCCEEDED if all_forgotten else RequestStatus.ACCEPTED,
-        sample_count=len(intake.sample_ids),
+        sample_count=len(resolved.sample_ids),
         already_forgotten_count=len(forgotten),
         subject_ref=intake.subject_ref,
         reason=intake.reason,
@@ -200,6 +260,8 @@ def _store_request(
         received_at=now,
         started_at=now if all_forgotten else None,
         finished_at=now if all_forgotten else None,
+        subjects=resolved.summary,
+        opendsr_request_id=intake.opendsr_request_id,
     )
     session.execute(insert(table_of(DeletionRequest)), _columns(req))
     rid = req.id
@@ -207,39 +269,47 @@ def _store_request(
         session,
         table_of(RequestSample),
         ("request_id", "sample_id", "already_forgotten"),
-        ((rid, s, s in forgotten) for s in intake.sample_ids),
+        ((rid, s, s in forgotten) for s in resolved.sample_ids),
     )
+    if resolved.subjects is not None:
+        subjects_service.record_request_subjects(session, rid, resolved.subjects.hashes)
     return req
 
 
 def _accepted_event(
-    req: DeletionRequest, m: ModelRow, intake: _Intake, forgotten: set[str], principal: Principal
+    req: DeletionRequest,
+    m: ModelRow,
+    intake: _Intake,
+    resolved: _Resolved,
+    forgotten: set[str],
+    principal: Principal,
 ) -> Event:
-    """The `request.accepted` audit event (the IDs only as a digest)."""
-    digest = hashlib.sha256("\n".join(sorted(intake.sample_ids)).encode()).hexdigest()
-    return Event(
-        principal.name,
-        "request.accepted",
-        f"request:{req.id}",
-        {
-            "sample_count": len(intake.sample_ids),
-            "already_forgotten_count": len(forgotten),
-            "sample_ids_sha256": digest,
-            "subject_ref": intake.subject_ref,
-            "reason": intake.reason,
-            "method": intake.method,
-            "verify": intake.verify,
-        },
-        m.name,
-        req.id,
-    )
+    """The `request.accepted` audit event (the IDs only as digests, subjects only as counts)."""
+    data: dict[str, Any] = {
+        "sample_count": len(resolved.sample_ids),
+        "already_forgotten_count": len(forgotten),
+        "sample_ids_sha256": subjects_service.digest(resolved.sample_ids),
+        "subject_ref": intake.subject_ref,
+        "reason": intake.reason,
+        "method": intake.method,
+        "verify": intake.verify,
+    }
+    if resolved.summary is not None:
+        data["subjects"] = resolved.summary
+    if intake.opendsr_request_id is not None:
+        data["opendsr_request_id"] = intake.opendsr_request_id
+    return Event(principal.name, "request.accepted", f"request:{req.id}", data, m.name, req.id)
 
 
 def _succeed_at_once(
     session: Session, req: DeletionRequest, m: ModelRow, accepted: Event, principal: Principal
 ) -> None:
-    """Every ID was already forgotten: the request succeeds on the current version, no job."""
-    note = {"result_version": m.latest_version, "note": "every ID was already forgotten"}
+    """Every ID was already forgotten, or the named subjects have no training sample: the
+    request succeeds on the current version, no job; its subjects are tombstoned."""
+    reason = ("the named subjects have no training samples" if req.sample_count == 0
+              else "every ID was already forgotten")
+    note = {"result_version": m.latest_version, "note": reason}
+    subjects_service.tombstone_subjects(session, m.id, [req.id])
     append_events(session, [
         accepted,
         Event(principal.name, "request.succeeded", f"request:{req.id}", note, m.name, req.id),
