@@ -289,6 +289,18 @@ class Subject(TypedDict, total=False):
     splits: dict[str, Any]
 
 
+class OpendsrRequestStatus(TypedDict, total=False):
+    """`GET /opendsr/v2/requests/{subject_request_id}` (schema `OpendsrStatusPublic`)."""
+
+    controller_id: str
+    expected_completion_time: str
+    subject_request_id: str
+    request_status: str
+    api_version: str
+    results_count: int | None
+    deletion_requests: list[Any]
+
+
 SCHEMAS: dict[str, type] = {
     "DeletionRequestPublic": DeletionRequest,
     "JobPublic": Job,
@@ -297,6 +309,7 @@ SCHEMAS: dict[str, type] = {
     "ReferencesPublic": References,
     "DatasetPublic": Dataset,
     "SubjectPublic": Subject,
+    "OpendsrStatusPublic": OpendsrRequestStatus,
     "ChainVerification": AuditVerification,
     "ReceiptPublic": Receipt,
     "ReceiptKeyPublic": ReceiptKey,
@@ -549,6 +562,13 @@ class LetheClient:
         """`GET /v1/datasets/{name}/subjects/{subject_id}`: the subject's samples per split."""
         path = f"/v1/datasets/{dataset}/subjects/{quote(subject_id, safe='')}"
         return cast(Subject, self._json("GET", path))
+
+    def get_opendsr_request(self, subject_request_id: str) -> OpendsrRequestStatus:
+        """`GET /opendsr/v2/requests/{id}` (scope `opendsr`): the OpenDSR status and the
+        deletion request of each model (the signature headers are not checked here; see
+        `docs/opendsr_client.py` for a controller that checks them)."""
+        path = f"/opendsr/v2/requests/{subject_request_id}"
+        return cast(OpendsrRequestStatus, self._json("GET", path))
 
     def list_samples(
         self,

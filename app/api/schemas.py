@@ -10,7 +10,16 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstr
 
 from app.errors import PROBLEM_JSON
 from app.services.subjects import MAX_SUBJECTS_PER_REQUEST
-from app.vocab import JobKind, JobPhase, JobStatus, ReferenceStatus, RequestStatus, VerifyMode
+from app.vocab import (
+    JobKind,
+    JobPhase,
+    JobStatus,
+    OpendsrRequestType,
+    OpendsrStatus,
+    ReferenceStatus,
+    RequestStatus,
+    VerifyMode,
+)
 from engine.arch_shapes import ARCHITECTURES
 from engine.catalog import DEFAULT_METHOD, METHOD_NAMES, METHODS, OPTIMIZERS
 from engine.datasets import ADAPTERS
@@ -96,7 +105,10 @@ def _method_variants(schema: dict[str, Any]) -> None:
 def _request_variants(schema: dict[str, Any]) -> None:
     """The method variants, and: a request names samples, subjects, or both."""
     _method_variants(schema)
-    schema["anyOf"] = [{"required": ["sample_ids"]}, {"required": ["subject_ids"]}]
+    schema["anyOf"] = [
+        {"required": [name], "properties": {name: {"type": "array"}}}
+        for name in ("sample_ids", "subject_ids")
+    ]
 
 
 class DeletionRequestCreate(_Strict):
@@ -470,3 +482,97 @@ def link(method: str, path: str, description: str, **parameters: str) -> dict[st
         "description": description,
         "parameters": parameters,
     }
+
+
+# -- OpenDSR (processor side; field names are the OpenDSR specification's) -------------------
+
+#: OpenDSR GUIDs are lowercase UUID v4 (specification §1.1).
+UUID4_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"
+
+
+class OpendsrIdentity(BaseModel):
+    """An identity of the data subject (specification §5.3)."""
+
+    identity_type: Annotated[str, StringConstraints(min_length=1, max_length=100)]
+    identity_value: SubjectId
+    identity_format: Literal["raw", "sha1", "md5", "sha256"]
+
+
+class OpendsrRequestCreate(BaseModel):
+    """Body of `POST /opendsr/v2/requests` (specification §7.1). Identities map to subjects by
+    the configured rule; `extensions[<processor domain>].property_id` names the model (or
+    `*`, the default: every model whose dataset knows the subject)."""
+
+    subject_request_id: Annotated[str, StringConstraints(pattern=UUID4_PATTERN)]
+    subject_request_type: OpendsrRequestType
+    regulation: Literal["gdpr", "ccpa"]
+    submitted_time: Timestamp
+    subject_identities: list[OpendsrIdentity] = Field(min_length=1, max_length=100)
+    api_version: Annotated[str, StringConstraints(max_length=20)] | None = None
+    status_callback_urls: list[CallbackUrl] = Field(default_factory=list, max_length=10)
+    extensions: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+class OpendsrCreated(BaseModel):
+    """The 201 answer to an OpenDSR request (specification §7.3)."""
+
+    controller_id: str
+    expected_completion_time: str
+    received_time: str
+    encoded_request: str
+    subject_request_id: str
+    api_version: str
+    processor_signature: str
+
+
+class OpendsrFulfilment(BaseModel):
+    """The deletion request that fulfils an OpenDSR request for one model."""
+
+    id: str
+    model: str
+    status: RequestStatus
+    sample_count: int
+    result_version: int | None
+
+
+class OpendsrStatusPublic(BaseModel):
+    """An OpenDSR request's status (specification §8.3), with each model's deletion request."""
+
+    controller_id: str
+    expected_completion_time: str
+    subject_request_id: str
+    request_status: OpendsrStatus
+    api_version: str
+    results_count: int | None = None
+    deletion_requests: list[OpendsrFulfilment]
+
+
+class OpendsrCancelled(BaseModel):
+    """The 202 answer to a cancellation (specification §9.2)."""
+
+    controller_id: str
+    subject_request_id: str
+    received_time: str
+    api_version: str
+    processor_signature: str
+
+
+class OpendsrSupportedIdentity(BaseModel):
+    identity_type: str
+    identity_format: str
+
+
+class OpendsrDiscovery(BaseModel):
+    """The discovery document (specification §6.3)."""
+
+    api_version: str
+    supported_identities: list[OpendsrSupportedIdentity]
+    supported_subject_request_types: list[OpendsrRequestType]
+    processor_certificate: str
+
+
+class OpendsrProcessorStatus(BaseModel):
+    """`GET /opendsr/v2/status`: the processor answers and its database is reachable."""
+
+    api_version: str
+    status: Literal["ok"]

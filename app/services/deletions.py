@@ -183,6 +183,26 @@ def accept_in_transaction(
     return request_public(req, m.name), enqueue
 
 
+def accept_subjects_in_transaction(
+    session: Session,
+    *,
+    principal: Principal,
+    settings: Settings,
+    model: str,
+    subject_ids: list[str],
+    subject_ref: str,
+    reason: str,
+    opendsr_request_id: str,
+) -> tuple[dict[str, Any], str | None]:
+    """A request naming only `subject_ids` with the default method, accepted in the caller's
+    transaction (the OpenDSR door): its resource and the new job to enqueue, if any."""
+    method = catalog.DEFAULT_METHOD
+    intake = _Intake(model, [], subject_ids, subject_ref, reason, method,
+                     catalog.normalise_method_options(method, {}), VerifyMode.STANDARD, None,
+                     opendsr_request_id)
+    return accept_in_transaction(session, intake, principal, settings)
+
+
 def _validate(intake: _Intake, settings: Settings) -> None:
     """Refuse what no database state can make valid: no, too many or repeated IDs, an unknown
     method or verification, a callback URL that is not allowed."""
@@ -493,32 +513,38 @@ def list_deletion_requests(
 def cancel_deletion_request(session: Session, request_id: str, *, actor: str) -> dict[str, Any]:
     """Cancel a request while `accepted` or `queued`; its job is cancelled if left empty."""
     with unit_of_work(session):
-        req, name = _load(session, request_id)
-        job: Job | None = None
-        if req.job_id:
-            job = session.scalar(select(Job).where(Job.id == req.job_id).with_for_update(key_share=True))
-        req, name = _load(session, request_id, lock=True)
-        if req.status not in CANCELLABLE:
-            raise NotCancellable(
-                f"request {request_id} is {req.status}; only accepted or queued requests can be "
-                "cancelled",
-                status_now=req.status,
-            )
-        req.status, req.finished_at = RequestStatus.CANCELLED, utcnow()
-        session.flush()
-        append_event(
-            session,
-            actor=actor,
-            action="request.cancelled",
-            subject=f"request:{req.id}",
-            model=name,
-            request_id=req.id,
-            data={"job_id": req.job_id},
-        )
-        enqueue_callback(session, req, name)
-        if job is not None and job.status == JobStatus.QUEUED:
-            _cancel_if_empty(session, job, req.model_id, actor=actor)
+        cancel_in_transaction_request(session, request_id, actor=actor)
     return get_deletion_request(session, request_id)
+
+
+def cancel_in_transaction_request(session: Session, request_id: str, *, actor: str) -> None:
+    """`cancel_deletion_request` in the caller's transaction (409 `not_cancellable` when the
+    request no longer waits)."""
+    req, name = _load(session, request_id)
+    job: Job | None = None
+    if req.job_id:
+        job = session.scalar(select(Job).where(Job.id == req.job_id).with_for_update(key_share=True))
+    req, name = _load(session, request_id, lock=True)
+    if req.status not in CANCELLABLE:
+        raise NotCancellable(
+            f"request {request_id} is {req.status}; only accepted or queued requests can be "
+            "cancelled",
+            status_now=req.status,
+        )
+    req.status, req.finished_at = RequestStatus.CANCELLED, utcnow()
+    session.flush()
+    append_event(
+        session,
+        actor=actor,
+        action="request.cancelled",
+        subject=f"request:{req.id}",
+        model=name,
+        request_id=req.id,
+        data={"job_id": req.job_id},
+    )
+    enqueue_callback(session, req, name)
+    if job is not None and job.status == JobStatus.QUEUED:
+        _cancel_if_empty(session, job, req.model_id, actor=actor)
 
 
 def _cancel_if_empty(session: Session, job: Job, model_id: int, *, actor: str) -> None:
