@@ -21,6 +21,10 @@ from app.services.apikeys import Principal
 from app.vocab import Scope
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+#: A subject ID as a path segment: printable, no `/`, not starting with `.` (IDs outside this
+#: are looked up by naming them in a deletion request instead).
+SUBJECT_IN_PATH = r"^[^\x00-\x1f\x7f/.][^\x00-\x1f\x7f/]{0,199}$"
+SUBJECT_IN_PATH_DESCRIPTION = "The subject ID (percent-encoded); no '/' and no leading '.'"
 NamePath = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")]
 
 
@@ -73,7 +77,7 @@ def list_samples(
 @router.get("/{name}/subjects/{subject_id}", response_model=SubjectPublic, responses=PROBLEM_RESPONSES)
 def get_subject(
     name: NamePath,
-    subject_id: Annotated[str, Path(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")],
+    subject_id: Annotated[str, Path(pattern=SUBJECT_IN_PATH, description=SUBJECT_IN_PATH_DESCRIPTION)],
     session: SessionDep,
     _: Annotated[Principal, Depends(require(Scope.MODELS_READ))],
 ) -> Any:

@@ -123,7 +123,7 @@ def create_request(
     identity = load_identity(settings)
     erasure = opendsr.Erasure(
         subject_request_id=body.subject_request_id,
-        subject_request_type=body.subject_request_type,
+        subject_request_type=body.subject_request_type.value,
         regulation=body.regulation,
         submitted_time=body.submitted_time.isoformat(),
         subject_identities=[i.model_dump() for i in body.subject_identities],

@@ -91,3 +91,18 @@ def test_the_docs_client_verifies_every_callback(live: tuple[str, Any], make_che
     lines = out.splitlines()
     assert lines[0].startswith("discovery: ") and "created " in lines[1] and "signed by localhost" in lines[1]
     assert lines[2:] == ["callback verified: in_progress", "callback verified: completed"]
+
+
+def test_the_cli_submits_by_subject(live: tuple[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    from app.cli import main as cli_main
+
+    base, dep = live
+    common = ["--url", base, "--api-key", dep.admin_key]
+    assert cli_main([*common, "submit", "--model", "m", "--subjects", "cust-7", "nobody"]) == 0
+    out = capsys.readouterr().out
+    assert ": queued (3 IDs, 0 already forgotten)" in out
+    with dep.sessions() as s:
+        summary = s.scalar(select(DeletionRequest.subjects))
+    assert summary is not None and summary["subject_count"] == 2 and summary["subjects_without_samples"] == 1
+    assert cli_main([*common, "submit", "--model", "m"]) != 0
+    assert "no sample IDs or subjects given" in capsys.readouterr().err
