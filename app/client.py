@@ -142,6 +142,18 @@ class DeletionRequest(TypedDict, total=False):
     finished_at: str | None
 
 
+class DeletionRequestGroup(TypedDict, total=False):
+    """`GET /v1/deletion-request-groups/{id}` (schema `DeletionRequestGroupPublic`): a request
+    that named several models, with each model's deletion request."""
+
+    id: str
+    models: list[str]
+    status: str
+    subject_ref: str | None
+    requests: list[Any]
+    received_at: str
+
+
 class Job(TypedDict, total=False):
     """`GET /v1/jobs/{id}` (schema `JobPublic`)."""
 
@@ -303,6 +315,7 @@ class OpendsrRequestStatus(TypedDict, total=False):
 
 SCHEMAS: dict[str, type] = {
     "DeletionRequestPublic": DeletionRequest,
+    "DeletionRequestGroupPublic": DeletionRequestGroup,
     "JobPublic": Job,
     "ModelPublic": Model,
     "VersionPublic": ModelVersion,
@@ -557,6 +570,29 @@ class LetheClient:
     def get_dataset(self, name: str) -> Dataset:
         """`GET /v1/datasets/{name}`."""
         return cast(Dataset, self._json("GET", f"/v1/datasets/{name}"))
+
+    def forget_everywhere(
+        self,
+        subject_ids: list[str],
+        *,
+        models: list[str] | None = None,
+        subject_ref: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> DeletionRequestGroup:
+        """`POST /v1/deletion-requests` for data subjects in several models: those listed, or
+        (default) every model whose dataset holds them; returns the group resource."""
+        body: dict[str, Any] = {"subject_ids": subject_ids}
+        body.update({"models": models} if models is not None else {"model": "*"})
+        if subject_ref is not None:
+            body["subject_ref"] = subject_ref
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return cast(
+            DeletionRequestGroup, self._json("POST", "/v1/deletion-requests", json=body, headers=headers)
+        )
+
+    def get_deletion_request_group(self, group_id: str) -> DeletionRequestGroup:
+        """`GET /v1/deletion-request-groups/{id}`."""
+        return cast(DeletionRequestGroup, self._json("GET", f"/v1/deletion-request-groups/{group_id}"))
 
     def get_subject(self, dataset: str, subject_id: str) -> Subject:
         """`GET /v1/datasets/{name}/subjects/{subject_id}`: the subject's samples per split."""

@@ -22,6 +22,7 @@
     │   ├── DatasetNotFound             404 dataset_not_found
     │   ├── VersionNotFound             404 version_not_found
     │   ├── RequestNotFound             404 request_not_found
+    │   ├── GroupNotFound               404 group_not_found
     │   ├── OpendsrRequestNotFound      404 opendsr_request_not_found
     │   └── JobNotFound                 404 job_not_found
     ├── Conflict                        409 conflict
@@ -194,6 +195,10 @@ class VersionNotFound(NotFound):
 
 class RequestNotFound(NotFound):
     code, title = "request_not_found", "Deletion request not found"
+
+
+class GroupNotFound(NotFound):
+    code, title = "group_not_found", "Deletion request group not found"
 
 
 class OpendsrRequestNotFound(NotFound):

@@ -177,4 +177,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     for module in (deletions, receipts, jobs, datasets, models, audit, opendsr, ops):
         app.include_router(module.router)
+    app.include_router(deletions.group_router)
     return app

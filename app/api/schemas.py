@@ -6,9 +6,19 @@ import re
 from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails
 
 from app.errors import PROBLEM_JSON
+from app.services.deletion_groups import MAX_MODELS
 from app.services.subjects import MAX_SUBJECTS_PER_REQUEST
 from app.vocab import (
     JobKind,
@@ -103,12 +113,17 @@ def _method_variants(schema: dict[str, Any]) -> None:
 
 
 def _request_variants(schema: dict[str, Any]) -> None:
-    """The method variants, and: a request names samples, subjects, or both."""
+    """The method variants, and: a request names samples, subjects, or both; and one model
+    (`model`, a name or `*`) or several (`models`)."""
     _method_variants(schema)
-    schema["anyOf"] = [
-        {"required": [name], "properties": {name: {"type": "array"}}}
-        for name in ("sample_ids", "subject_ids")
+    schema["allOf"] = [
+        {"anyOf": [_present(name, "array") for name in ("sample_ids", "subject_ids")]},
+        {"oneOf": [_present("model", "string"), _present("models", "array")]},
     ]
+
+
+def _present(name: str, json_type: str) -> dict[str, Any]:
+    return {"required": [name], "properties": {name: {"type": json_type}}}
 
 
 class DeletionRequestCreate(_Strict):
@@ -119,7 +134,16 @@ class DeletionRequestCreate(_Strict):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra=_request_variants)
 
-    model: Annotated[str, StringConstraints(min_length=1, max_length=100)]
+    model: Annotated[str, StringConstraints(min_length=1, max_length=100)] | None = Field(
+        default=None, description="The model; `*`: every model whose dataset holds the named data"
+    )
+    models: list[Name] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_MODELS,
+        json_schema_extra={"uniqueItems": True},
+        description="Several models: one deletion request each, reported together as a group",
+    )
     sample_ids: list[SampleId] | None = Field(
         default=None, min_length=1, json_schema_extra={"uniqueItems": True}
     )
@@ -136,6 +160,32 @@ class DeletionRequestCreate(_Strict):
     method_options: dict[str, Any] = Field(default_factory=dict)
     verify: VerifyMode = VerifyMode.STANDARD
     callback_url: CallbackUrl | None = Field(default=None, description=CALLBACK_DESCRIPTION)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _a_model_is_named(cls, data: Any, handler: Any) -> Any:
+        """A body naming neither `model` nor `models` lists `model` as missing, beside every
+        other offending field (validation errors name them all)."""
+        unnamed = isinstance(data, dict) and data.get("model") is None and data.get("models") is None
+        missing = InitErrorDetails(type="missing", loc=("model",), input=data)
+        try:
+            value = handler(data)
+        except ValidationError as exc:
+            if not unnamed:
+                raise
+            found = [_detail(e) for e in exc.errors()]
+            raise ValidationError.from_exception_data(cls.__name__, [*found, missing]) from None
+        if unnamed:
+            raise ValidationError.from_exception_data(cls.__name__, [missing])
+        return value
+
+
+def _detail(error: Any) -> InitErrorDetails:
+    """A reported validation error as pydantic takes it back (`from_exception_data`)."""
+    detail = InitErrorDetails(type=error["type"], loc=error["loc"], input=error.get("input"))
+    if "ctx" in error:
+        detail["ctx"] = error["ctx"]
+    return detail
 
 
 class SubjectResolution(BaseModel):
@@ -182,6 +232,18 @@ class DeletionRequestPublic(_Open):
     received_at: str
     started_at: str | None
     finished_at: str | None
+
+
+class DeletionRequestGroupPublic(BaseModel):
+    """A request that named several models: one deletion request per model it reached, and
+    their summed status."""
+
+    id: str
+    models: list[str]
+    status: RequestStatus
+    subject_ref: str | None
+    requests: list[DeletionRequestPublic]
+    received_at: str
 
 
 class DeletionRequestList(BaseModel):

@@ -169,12 +169,26 @@ class DeletionRequest(Base):
     subjects: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     # The OpenDSR request this one fulfils for one model, if it came through OpenDSR.
     opendsr_request_id: Mapped[str | None] = mapped_column(String(36))
+    # The group of a request that named several models (`models`, or `model: "*"`).
+    group_id: Mapped[str | None] = mapped_column(String(40))
     __table_args__ = (
         Index(None, "model_id", "status"),
         Index(None, "subject_ref"),
         Index(None, "job_id"),
         Index(None, "opendsr_request_id"),
+        Index(None, "group_id"),
     )
+
+
+class DeletionRequestGroup(Base):
+    """One submission naming several models: a deletion request per model it reached."""
+
+    __tablename__ = "deletion_request_groups"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    api_key_id: Mapped[str | None] = mapped_column(String(40))
+    models: Mapped[list[Any]] = mapped_column(JSON)  # as asked: names, or ["*"]
+    subject_ref: Mapped[str | None] = mapped_column(String(200))
+    received_at: Mapped[datetime]
 
 
 class RequestSubject(Base):

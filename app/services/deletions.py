@@ -10,6 +10,7 @@ new one. A request naming only forgotten IDs succeeds at once without a job.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ from sqlalchemy.orm import Session
 from app.db.models import (
     DatasetRow,
     DeletionRequest,
+    DeletionRequestGroup,
     IdempotencyKey,
     Job,
     JobRequest,
@@ -37,7 +39,7 @@ from app.errors import (
     TestSplitSamples,
     UnknownSampleIds,
 )
-from app.services import idempotency
+from app.services import deletion_groups, idempotency
 from app.services import subjects as subjects_service
 from app.services.apikeys import Principal
 from app.services.audit import Event, append_event, append_events
@@ -65,12 +67,18 @@ CANCELLABLE = frozenset({RequestStatus.ACCEPTED, RequestStatus.QUEUED})
 
 @dataclass(frozen=True)
 class Submitted:
-    """The outcome of a submission: the response and the job to send to the broker, if any."""
+    """The outcome of a submission: the response and the job(s) to send to the broker."""
 
     status_code: int
     body: dict[str, Any]
     enqueue_job_id: str | None
     replayed: bool = False
+    group_job_ids: tuple[str, ...] = ()  # a request naming several models: one job each
+
+    @property
+    def job_ids(self) -> list[str]:
+        """Every new job to send to the broker."""
+        return [self.enqueue_job_id] if self.enqueue_job_id else list(self.group_job_ids)
 
 
 def _get_model(session: Session, name: str) -> ModelRow:
@@ -94,6 +102,8 @@ class _Intake:
     verify: str
     callback_url: str | None
     opendsr_request_id: str | None = None
+    models: list[str] | None = None  # several models (or ["*"]): a group
+    group_id: str | None = None
 
     def body(self) -> dict[str, Any]:
         """The request body an Idempotency-Key is bound to."""
@@ -109,7 +119,14 @@ class _Intake:
         }
         if self.subject_ids:  # bodies without subjects keep the hash they always had
             body["subject_ids"] = self.subject_ids
+        if self.models is not None:
+            body["models"] = self.models
         return body
+
+    @property
+    def fans_out(self) -> bool:
+        """True when the request names several models (`models`, or `model: "*"`)."""
+        return self.models is not None
 
 
 @dataclass(frozen=True)
@@ -126,7 +143,8 @@ def submit_deletion_request(
     *,
     principal: Principal,
     settings: Settings,
-    model: str,
+    model: str | None = None,
+    models: list[str] | None = None,
     sample_ids: list[str] | None = None,
     subject_ids: list[str] | None = None,
     subject_ref: str | None = None,
@@ -141,8 +159,9 @@ def submit_deletion_request(
     """Validate and accept a deletion request (see the module docstring for the rules)."""
     method = method or catalog.DEFAULT_METHOD
     options = catalog.normalise_method_options(method, method_options or {})
-    intake = _Intake(model, list(sample_ids or []), list(subject_ids or []), subject_ref, reason,
-                     method, options, verify, callback_url, opendsr_request_id)
+    selector = _model_selector(model, models)
+    intake = _Intake(model or "", list(sample_ids or []), list(subject_ids or []), subject_ref, reason,
+                     method, options, verify, callback_url, opendsr_request_id, selector)
     # The key's claim is in this unit of work: a request that fails leaves it free for a retry.
     with unit_of_work(session):
         claim: IdempotencyKey | None = None
@@ -156,10 +175,56 @@ def submit_deletion_request(
             )
             if replay is not None:
                 return Submitted(replay.status_code, replay.body, None, replayed=True)
-        resource, enqueue = accept_in_transaction(session, intake, principal, settings)
+        if intake.fans_out:
+            resource, group_jobs = _accept_group(session, intake, principal, settings)
+            enqueue, more = None, tuple(group_jobs)
+        else:
+            resource, enqueue = accept_in_transaction(session, intake, principal, settings)
+            more = ()
         if claim is not None:
             idempotency.finish(claim, 202, resource, str(resource["id"]))
-    return Submitted(202, resource, enqueue)
+    return Submitted(202, resource, enqueue, group_job_ids=more)
+
+
+def _model_selector(model: str | None, models: list[str] | None) -> list[str] | None:
+    """None for one model; the model names (or `["*"]`) for a request naming several."""
+    if (model is None) == (models is None):
+        raise InvalidInput("name exactly one of model (a name, or '*') and models", field="model")
+    if models is not None:
+        return list(models)
+    return [deletion_groups.ALL_MODELS] if model == deletion_groups.ALL_MODELS else None
+
+
+def _accept_group(
+    session: Session, intake: _Intake, principal: Principal, settings: Settings
+) -> tuple[dict[str, Any], list[str]]:
+    """One deletion request per model the request reaches, in the caller's transaction, and
+    the group that reports them; the group resource and the new jobs to enqueue."""
+    assert intake.models is not None
+    _validate(intake, settings)
+    if len(intake.models) > deletion_groups.MAX_MODELS:
+        raise InvalidInput(f"at most {deletion_groups.MAX_MODELS} models per request", field="models")
+    targets = deletion_groups.target_models(session, intake.models, intake.sample_ids, intake.subject_ids)
+    group = DeletionRequestGroup(id=new_id("drg"), api_key_id=principal.id, models=intake.models,
+                                 subject_ref=intake.subject_ref, received_at=utcnow())
+    session.add(group)
+    session.flush()
+    jobs: list[str] = []
+    for m in targets:
+        one = dataclasses.replace(intake, model=m.name, models=None, group_id=group.id)
+        _, job_id = accept_in_transaction(session, one, principal, settings)
+        if job_id is not None:
+            jobs.append(job_id)
+    resource = deletion_groups.group_public(session, group)
+    append_event(
+        session,
+        actor=principal.name,
+        action="request.group.accepted",
+        subject=f"group:{group.id}",
+        data={"models": [m.name for m in targets], "request_ids": [r["id"] for r in resource["requests"]],
+              "asked": intake.models, "subject_ref": intake.subject_ref},
+    )
+    return resource, jobs
 
 
 def accept_in_transaction(
@@ -282,6 +347,7 @@ def _store_request(
         finished_at=now if all_forgotten else None,
         subjects=resolved.summary,
         opendsr_request_id=intake.opendsr_request_id,
+        group_id=intake.group_id,
     )
     session.execute(insert(table_of(DeletionRequest)), _columns(req))
     rid = req.id

@@ -23,17 +23,16 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.db.models import DatasetRow, DeletionRequest, ModelRow, OpendsrRequest
+from app.db.models import DeletionRequest, ModelRow, OpendsrRequest
 from app.db.types import rfc3339, utcnow
 from app.errors import (
-    ModelNotFound,
     NotCancellable,
     OpendsrRequestExists,
     OpendsrRequestNotFound,
     UnsupportedIdentity,
     UnsupportedRequestType,
 )
-from app.services import deletions, subjects
+from app.services import deletion_groups, deletions
 from app.services.apikeys import Principal
 from app.services.audit import append_event
 from app.services.callbacks import check_callback_url
@@ -49,7 +48,7 @@ from app.settings import Settings
 from app.vocab import OpendsrRequestType, OpendsrStatus, Scope
 
 #: `property_id` meaning every model whose dataset knows the subject.
-ALL_MODELS = "*"
+ALL_MODELS = deletion_groups.ALL_MODELS
 #: The identity format Lethe can map to a subject (hashed formats cannot be reversed).
 RAW = "raw"
 
@@ -138,20 +137,7 @@ def _subject_ids(erasure: Erasure, settings: Settings) -> list[str]:
 def _target_models(session: Session, property_id: str, subject_ids: list[str]) -> list[ModelRow]:
     """The named model, or with `*` every model whose dataset has a training sample of one of
     the subjects (by name)."""
-    if property_id != ALL_MODELS:
-        model = session.scalar(select(ModelRow).where(ModelRow.name == property_id))
-        if model is None:
-            raise ModelNotFound(f"no model named {property_id!r} (property_id)", model=property_id)
-        return [model]
-    holding = [
-        d.id
-        for d in session.scalars(select(DatasetRow).where(DatasetRow.subject_key.is_not(None)))
-        if subjects.resolve(session, d, subject_ids).sample_ids
-    ]
-    if not holding:
-        return []
-    stmt = select(ModelRow).where(ModelRow.dataset_id.in_(holding)).order_by(ModelRow.name)
-    return list(session.scalars(stmt))
+    return deletion_groups.target_models(session, [property_id], [], subject_ids)
 
 
 def _fan_out(

@@ -9,6 +9,8 @@ Create Date: 2026-11-28
   in clear.
 - `deletion_requests.subjects` (how its `subject_ids` resolved: counts and digests) and
   `deletion_requests.opendsr_request_id` (the OpenDSR request it fulfils for one model).
+- `deletion_requests.group_id` and `deletion_request_groups`: one submission naming several
+  models (`models`, or `model: "*"`), a deletion request per model.
 - `request_subjects`: the subjects a request named (hashed), tombstoned when it succeeds.
 - `subject_tombstones`: subjects forgotten by a model's lineage.
 - `opendsr_requests`: erasure requests received through the OpenDSR processor interface.
@@ -44,7 +46,18 @@ def upgrade() -> None:
     with op.batch_alter_table("deletion_requests") as batch:
         batch.add_column(sa.Column("subjects", sa.JSON(), nullable=True))
         batch.add_column(sa.Column("opendsr_request_id", sa.String(36), nullable=True))
+        batch.add_column(sa.Column("group_id", sa.String(40), nullable=True))
         batch.create_index("ix_deletion_requests_opendsr_request_id", ["opendsr_request_id"])
+        batch.create_index("ix_deletion_requests_group_id", ["group_id"])
+    op.create_table(
+        "deletion_request_groups",
+        sa.Column("id", sa.String(40), nullable=False),
+        sa.Column("api_key_id", sa.String(40), nullable=True),
+        sa.Column("models", sa.JSON(), nullable=False),
+        sa.Column("subject_ref", sa.String(200), nullable=True),
+        sa.Column("received_at", UTCDateTime(), nullable=False),
+        sa.PrimaryKeyConstraint("id", name="pk_deletion_request_groups"),
+    )
     op.create_table(
         "request_subjects",
         sa.Column("request_id", sa.String(40), nullable=False),
@@ -88,7 +101,10 @@ def downgrade() -> None:
     op.drop_table("opendsr_requests")
     op.drop_table("subject_tombstones")
     op.drop_table("request_subjects")
+    op.drop_table("deletion_request_groups")
     with op.batch_alter_table("deletion_requests") as batch:
+        batch.drop_index("ix_deletion_requests_group_id")
+        batch.drop_column("group_id")
         batch.drop_index("ix_deletion_requests_opendsr_request_id")
         batch.drop_column("opendsr_request_id")
         batch.drop_column("subjects")

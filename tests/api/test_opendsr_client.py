@@ -106,3 +106,20 @@ def test_the_cli_submits_by_subject(live: tuple[str, Any], capsys: pytest.Captur
     assert summary is not None and summary["subject_count"] == 2 and summary["subjects_without_samples"] == 1
     assert cli_main([*common, "submit", "--model", "m"]) != 0
     assert "no sample IDs or subjects given" in capsys.readouterr().err
+
+
+def test_the_python_client_speaks_subjects_groups_and_opendsr(live: tuple[str, Any]) -> None:
+    from app.client import LetheAPIError, LetheClient
+
+    base, dep = live
+    with LetheClient(base, dep.admin_key) as client:
+        assert client.get_subject("subj", "cust-7")["splits"] == {"train": 3, "test": 0}
+        group = client.forget_everywhere(["cust-7"], subject_ref="dsr-42")
+        assert [r["model"] for r in group["requests"]] == ["m"] and group["status"] == "queued"
+        assert client.get_deletion_request_group(group["id"]) == group
+        one = client.create_deletion_request("m", subject_ids=["cust-7"], idempotency_key="k1")
+        assert one["sample_count"] == 3 and one["subjects"] is not None
+        missing = "00000000-0000-4000-8000-000000000000"
+        with pytest.raises(LetheAPIError) as err:
+            client.get_opendsr_request(missing)
+        assert err.value.status == 404 and err.value.code == "opendsr_request_not_found"
