@@ -519,6 +519,14 @@ class LetheClient:
 
     # jobs
 
+    def get_receipt(self, request_id: str) -> Receipt:
+        """`GET /v1/deletion-requests/{id}/receipt`: the signed receipt of a finished request."""
+        return cast(Receipt, self._json("GET", f"/v1/deletion-requests/{request_id}/receipt"))
+
+    def list_receipt_keys(self) -> list[ReceiptKey]:
+        """`GET /v1/receipts/keys`: every public key that ever signed a receipt."""
+        return cast(list[ReceiptKey], self._json("GET", "/v1/receipts/keys")["keys"])
+
     def get_job(self, job_id: str) -> Job:
         """`GET /v1/jobs/{id}`."""
         return cast(Job, self._json("GET", f"/v1/jobs/{job_id}"))

@@ -97,13 +97,35 @@ def reference_statistics(
     return stats
 
 
-def _variants(methods: Sequence[str], ablation: bool) -> list[tuple[str, str, dict[str, Any]]]:
+Variant = tuple[str, str, dict[str, Any]]
+
+
+def _variants(methods: Sequence[str], ablation: bool,
+              extra: Sequence[Variant] = ()) -> list[Variant]:
     """(label, method, options) for each configuration to run; the ablation adds the default
-    method once per balancer (sharing the run's retrain reference)."""
-    runs: list[tuple[str, str, dict[str, Any]]] = [(m, m, {}) for m in methods if m != "retrain"]
+    method once per balancer, `extra` any labelled variant (all share the run's retrain)."""
+    runs: list[Variant] = [(m, m, {}) for m in methods if m != "retrain"]
     if ablation:
         runs += [(f"{DEFAULT_METHOD}[{b}]", DEFAULT_METHOD, {"balancer": b}) for b in BALANCERS]
-    return runs
+    return runs + list(extra)
+
+
+def parse_variant(text: str) -> Variant:
+    """`method:key=value,key=value` (JSON values) -> a labelled variant, e.g.
+    `feature_constraint:per_sample_targets=false`."""
+    method, _, rest = text.partition(":")
+    if method not in METHODS:
+        raise SystemExit(f"unknown method {method!r} in variant {text!r}")
+    options: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"variant option {item!r} is not key=value")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return text, method, options
 
 
 def run_bench(
@@ -122,6 +144,7 @@ def run_bench(
     log: Any = sys.stderr,
     on_record: Callable[[list[dict[str, Any]]], None] | None = None,
     first_seed: int = 0,
+    variants: Sequence[Variant] = (),
 ) -> list[dict[str, Any]]:
     """Run the benchmark and return one record per (method, scenario, seed), plus one
     `{"method": "references", ...}` cost record per seed when `references` > 0.
@@ -151,7 +174,7 @@ def run_bench(
                               ref.evidence, ref.evidence)
             records.append(ref_rec)
             log.write(f"  {scenario}: retrain {ref.seconds:.2f}s{_flag_log(ref_rec)}\n")
-            for label, method, options in _variants(methods, ablation):
+            for label, method, options in _variants(methods, ablation, variants):
                 res = unlearn(original, method=method, options=options, **common)  # type: ignore[arg-type]
                 rec = _record(label, scenario, seed, res.metrics, ref_metrics, res.method_config,
                               res.evidence, ref.evidence)
@@ -315,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'all', 'none' (with --ablation) or a comma list of method names")
     p.add_argument("--ablation", action="store_true",
                    help=f"also run {DEFAULT_METHOD} with each balancer ({', '.join(BALANCERS)})")
+    p.add_argument("--variant", action="append", default=[], type=parse_variant,
+                   help="also run METHOD:key=value,... (repeatable; e.g. "
+                        "feature_constraint:per_sample_targets=false)")
     p.add_argument("--references", type=int, default=DEFAULT_K,
                    help="K reference models for the per-sample test (0: skip the test)")
     p.add_argument("--arch", default=None, help="architecture (default: small_cnn / resnet18)")
@@ -371,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         dataset_kind=args.dataset, uri=args.uri, scenarios=scenarios, seeds=args.seeds,
         methods=methods, ablation=args.ablation, arch=arch, recipe=recipe,
         cache=args.cache, device=args.device, references=args.references,
-        first_seed=args.first_seed,
+        first_seed=args.first_seed, variants=args.variant,
         on_record=(lambda rs: args.json.write_text(json.dumps(rs, indent=1))) if args.json else None,
     )
     print(f"lethe bench --dataset {args.dataset} --arch {arch} --seeds {args.seeds} "

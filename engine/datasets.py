@@ -52,6 +52,20 @@ CALIBRATION, AUDIT = "calibration", "audit"
 AUDIT_FRACTION = 0.5
 
 
+def audit_share(n_label: int) -> int:
+    """How many of one label's `n_label` test samples go to `audit` (the rest: `calibration`)."""
+    return int(np.ceil(AUDIT_FRACTION * n_label))
+
+
+def heldout_sizes_of(test_label_counts: Iterable[int]) -> dict[str, int]:
+    """The sizes of `calibration` and `audit` from the test split's per-label counts: what
+    `Dataset.heldout_partition` gives, without the dataset (the service reads the counts from
+    its samples table)."""
+    counts = [int(n) for n in test_label_counts]
+    audit = sum(audit_share(n) for n in counts)
+    return {CALIBRATION: sum(counts) - audit, AUDIT: audit}
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     """How to find a dataset: what the `POST /v1/datasets` body and job payloads carry."""
@@ -134,7 +148,7 @@ class Dataset:
             calibration: list[npt.NDArray[np.int64]] = []
             for c in np.unique(self.labels[test]):
                 members = rng.permutation(test[self.labels[test] == c])
-                k = int(np.ceil(AUDIT_FRACTION * len(members)))
+                k = audit_share(len(members))
                 audit.append(members[:k])
                 calibration.append(members[k:])
             empty = np.empty(0, dtype=np.int64)

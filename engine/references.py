@@ -14,7 +14,8 @@ split and returns the evidence of a job::
      "p_values": {sample_id: p}, "scores": {...plot data...}, "calibration": {...},
      "per_class_accuracy": {"classes", "before", "after", "n"},      # on audit
      "intervals": {"acc_forget", "acc_retain", "acc_test": [lo, hi]},  # Wilson 95%
-     "accuracy": {"audit_before", "audit_after": {"n", "correct", "rate", "interval"}}}
+     "accuracy": {"audit_before", "audit_after": {"n", "correct", "rate", "interval"}},
+     "sizes": {"forget", "retain_probe", "audit"}}   # the sample count behind each metric
 
 With pending references only the accuracy parts are present beside `references`/`statement`.
 """
@@ -157,6 +158,8 @@ def build_evidence(
     evidence["intervals"] = accuracy_intervals(
         metrics, {"acc_forget": len(forget), "acc_retain": retain_probe_size,
                   "acc_test": len(audit)})
+    evidence["sizes"] = {"forget": len(forget), "retain_probe": int(retain_probe_size),
+                         "audit": len(audit)}
     evidence["accuracy"] = {
         name: {"n": len(audit), "correct": int(c.sum()), "rate": float(c.mean()),
                "interval": wilson(int(c.sum()), len(audit))}

@@ -109,7 +109,7 @@ def unlearn(
         forget_idx=np.asarray(forget_idx, dtype=np.int64),
         retain_idx=np.asarray(retain_idx, dtype=np.int64),
         heldout_idx=data.dataset.calibration_indices, recipe=recipe,
-        teacher_seed=teacher_seed, seed=seed, reporter=reporter,
+        teacher_seed=teacher_seed, seed=seed, reporter=reporter, reference_stats=reference_stats,
     )
     _sync(data.device)
     start = time.perf_counter()

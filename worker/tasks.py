@@ -41,6 +41,7 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 from celery import shared_task
@@ -320,6 +321,17 @@ def _execute_reference(ticket: job_service.JobTicket, reporter: _JobReporter) ->
     )
 
 
+def _with_code_version(evidence: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The run's evidence with the version of the code that produced it (for its receipt)."""
+    if evidence is None:
+        return None
+    try:
+        version = metadata.version("lethe")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    return {**evidence, "code_version": version}
+
+
 def _enter_publishing(reporter: _JobReporter) -> None:
     """The engine is done: stop if another attempt took the job meanwhile, else record the
     `publishing` phase (whose write may itself find the claim lost)."""
@@ -426,6 +438,7 @@ def run_job(
                     seconds=output.seconds,
                     steps=output.steps,
                     device=output.device,
+                    evidence=_with_code_version(output.evidence),
                     attempt=ticket.attempt,
                     worker=worker,
                 )

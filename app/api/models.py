@@ -72,11 +72,15 @@ _REGISTRATION_BODY = {
 }
 
 
-_MODEL_LINKS = {
+#: Links of a model whose version 1 is being trained (202): it has no version to read yet.
+_PENDING_MODEL_LINKS = {
     "read": link("GET", "/v1/models/{name}", "The model", name="$response.body#/name"),
     "versions": link(
         "GET", "/v1/models/{name}/versions", "Its versions", name="$response.body#/name"
     ),
+}
+_MODEL_LINKS = {
+    **_PENDING_MODEL_LINKS,
     "latest": link(
         "GET", "/v1/models/{name}/versions/{n}", "Its latest version", name="$response.body#/name",
         n="latest",
@@ -173,7 +177,8 @@ async def parse_registration(
     responses={
         **PROBLEM_RESPONSES,
         201: {"description": "Registered with version 1", "links": _MODEL_LINKS},
-        202: {"model": ModelPublic, "description": "Train job queued", "links": _MODEL_LINKS},
+        202: {"model": ModelPublic, "description": "Train job queued",
+              "links": _PENDING_MODEL_LINKS},
     },
     openapi_extra=_REGISTRATION_BODY,
 )

@@ -355,14 +355,24 @@ _Threshold = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
 class Policy(_Strict):
-    """A model's verification policy: the thresholds a job's metrics must meet to publish
-    (null switches a check off; omitted keys keep their defaults) and the fallback method."""
+    """A model's verification policy: the thresholds a job's evidence must meet to publish
+    (null switches a check off; omitted keys keep their defaults), the forgetting test's
+    significance level and minimal effect, whether deletions wait for the model's reference
+    statistics, and the fallback method. Every check allows for sampling error."""
 
     max_acc_test_drop: _Threshold | None = None
     max_acc_forget: _Threshold | None = None
     max_gap: _Threshold | None = None
     max_avg_gap: _Threshold | None = None
     min_acc_test: _Threshold | None = None
+    alpha: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)] = Field(
+        default=0.05, description="Significance level of the per-sample forgetting test.")
+    min_flag_effect: _Threshold | None = Field(
+        default=0.1, description="The forget set's flag rate must exceed the never-trained "
+        "controls' by at least this (and significantly) to fail; null: any significant excess.")
+    wait_for_references: bool = Field(
+        default=False, description="Deletion jobs wait for the model's reference statistics "
+        "instead of publishing with 'forgetting not tested: references pending'.")
     fallback_method: MethodName | None = None
 
 

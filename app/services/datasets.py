@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from app.db.models import DatasetRow, Sample
@@ -21,7 +21,7 @@ from app.services.audit import append_event
 from app.services.common import Page, bulk_insert, decode_cursor, encode_cursor, is_postgres, table_of
 from app.services.transactions import read_only, unit_of_work
 from engine import errors as engine_errors
-from engine.datasets import Dataset, DatasetSpec, load_dataset
+from engine.datasets import TEST, Dataset, DatasetSpec, heldout_sizes_of, load_dataset
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
@@ -36,8 +36,9 @@ def check_name(name: str, what: str = "name") -> str:
     return name
 
 
-def dataset_public(row: DatasetRow) -> dict[str, Any]:
-    """The API shape of a dataset."""
+def dataset_public(session: Session, row: DatasetRow) -> dict[str, Any]:
+    """The API shape of a dataset. `splits` holds `train` and `test` and the test split's two
+    halves: `calibration` (methods may read it) and `audit` (only verification reads it)."""
     return {
         "name": row.name,
         "kind": row.kind,
@@ -45,11 +46,23 @@ def dataset_public(row: DatasetRow) -> dict[str, Any]:
         "options": row.options,
         "num_samples": row.num_samples,
         "num_classes": row.num_classes,
-        "splits": {"train": row.train_size, "test": row.test_size},
+        "splits": {"train": row.train_size, "test": row.test_size, **heldout_sizes(session, row)},
         "input_shape": [row.in_channels, row.height, row.width],
         "fingerprint": row.fingerprint,
         "created_at": rfc3339(row.created_at),
     }
+
+
+def heldout_sizes(session: Session, row: DatasetRow) -> dict[str, int]:
+    """The sizes of `calibration` and `audit`, from the index's per-label test counts (the same
+    stratified rule the engine partitions by)."""
+    counts = session.scalars(
+        select(func.count())
+        .select_from(Sample)
+        .where(Sample.dataset_id == row.id, Sample.split == TEST)
+        .group_by(Sample.label)
+    )
+    return heldout_sizes_of(counts)
 
 
 def register_dataset(
@@ -70,7 +83,7 @@ def register_dataset(
     ds = _load(name, kind, uri, options)
     with unit_of_work(session):
         row = _index(session, ds, name=name, kind=kind, uri=uri, options=options, actor=actor)
-        body = dataset_public(row)
+        body = dataset_public(session, row)
     if is_postgres(session):
         # Fresh statistics keep ID validation on the primary key instead of a split scan.
         with unit_of_work(session):
@@ -177,7 +190,7 @@ def get_dataset_row(session: Session, name: str) -> DatasetRow:
 def get_dataset(session: Session, name: str) -> dict[str, Any]:
     """One dataset."""
     with read_only(session):
-        return dataset_public(get_dataset_row(session, name))
+        return dataset_public(session, get_dataset_row(session, name))
 
 
 def list_datasets(session: Session, *, limit: int, cursor: str | None = None) -> Page[dict[str, Any]]:
@@ -189,7 +202,7 @@ def list_datasets(session: Session, *, limit: int, cursor: str | None = None) ->
     with read_only(session):
         rows = list(session.scalars(stmt.limit(limit + 1)))
         more = len(rows) > limit
-        items = [dataset_public(r) for r in rows[:limit]]
+        items = [dataset_public(session, r) for r in rows[:limit]]
     return Page(items, encode_cursor(items[-1]["name"]) if more else None)
 
 

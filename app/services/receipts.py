@@ -41,13 +41,13 @@ from app.receipts import keys as keyring
 from app.receipts.signing import ALG, sign
 from app.services.audit import append_event
 from app.services.common import canonical_json, finite_json
+from app.services.policy import NO_EVIDENCE
 from app.settings import Settings
 from app.vocab import RequestStatus
 
 FORMAT = "lethe.receipt/1"
 ID_HASH = "sha256(salt || 0x0A || sorted IDs joined by 0x0A), UTF-8"
 PENDING = "forgetting not tested: references pending"
-NO_EVIDENCE = "forgetting not tested: this job recorded no per-sample evidence"
 #: Evidence members a receipt carries about the forgetting test (never `p_values` or
 #: `scores`: those are per sample, and `p_values` is keyed by sample ID).
 _TEST_FIELDS = (
@@ -231,7 +231,7 @@ def build_receipt(session: Session, request_id: str, *, salt: str) -> dict[str, 
         session.scalars(select(RequestSample.sample_id).where(RequestSample.request_id == req.id))
     )
     evidence = job.evidence if isinstance(job.evidence, dict) else None
-    forgetting = _forgetting(evidence)
+    forgetting = _forgetting(evidence, job.verdict)
     verdict = _verdict(job, forgetting)
     document: dict[str, Any] = {
         "format": FORMAT,
@@ -331,8 +331,9 @@ def _metrics(metrics: dict[str, Any] | None, evidence: dict[str, Any] | None) ->
     return out
 
 
-def _forgetting(evidence: dict[str, Any] | None) -> dict[str, Any]:
-    """The per-sample forgetting test as the receipt states it (no per-sample values)."""
+def _forgetting(evidence: dict[str, Any] | None, verdict: dict[str, Any] | None) -> dict[str, Any]:
+    """The per-sample forgetting test as the receipt states it (no per-sample values); its
+    status is the verdict's where the verdict judged it."""
     if evidence is None:
         return {"status": "not_tested", "statement": NO_EVIDENCE}
     references = evidence.get("references") or {}
@@ -343,7 +344,8 @@ def _forgetting(evidence: dict[str, Any] | None) -> dict[str, Any]:
             "references": references,
         }
     test = {k: evidence.get(k) for k in _TEST_FIELDS}
-    test["status"] = "tested" if evidence.get("distinguishes") else "test_has_no_power"
+    judged = (verdict or {}).get("forgetting")
+    test["status"] = judged or ("tested" if evidence.get("distinguishes") else "test_has_no_power")
     if not test.get("statement"):
         test["statement"] = (
             "the test distinguishes these samples on this model"

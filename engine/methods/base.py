@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from engine.archs import Classifier, build_model
 from engine.errors import InvalidInput
+from engine.evidence import ReferenceStats
 from engine.runtime import DeviceData, Progress, Reporter
 from engine.training import Recipe
 
@@ -33,9 +34,11 @@ IndexArray = npt.NDArray[np.int64]
 class UnlearnContext:
     """What a method may use. `retain_idx` already excludes every sample ever forgotten.
 
-    `heldout_idx` are samples never trained on (the dataset's test split); methods may only
-    read the model's outputs on them (as the reference for "not a member"), never train on
-    them.
+    `heldout_idx` are samples never trained on (the `calibration` half of the test split);
+    methods may only read the model's outputs on them (as the reference for "not a member"),
+    never train on them. `reference_stats`, when the model's are ready, are the OUT scores of
+    reference models that never trained on each sample (`engine.evidence.ReferenceStats`);
+    methods may read their rows for forget, retain and `heldout_idx` samples only.
     """
 
     arch: str
@@ -49,6 +52,7 @@ class UnlearnContext:
     teacher_seed: int
     seed: int
     reporter: Reporter = field(default_factory=lambda: Reporter(None, None))
+    reference_stats: ReferenceStats | None = None
     _teacher: Classifier | None = field(default=None, repr=False)
 
     @property

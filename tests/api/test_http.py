@@ -229,7 +229,8 @@ def test_datasets_endpoints(api: tuple[TestClient, Any], tmp_path: Any) -> None:
     assert [d["name"] for d in listed["items"]] == ["tiny"]
     tiny = client.get("/v1/datasets/tiny").json()
     assert tiny["num_samples"] == 160 and tiny["num_classes"] == 4
-    assert tiny["splits"] == {"train": 120, "test": 40}
+    # The test split's halves: `calibration` (methods may read it), `audit` (only verification).
+    assert tiny["splits"] == {"train": 120, "test": 40, "calibration": 20, "audit": 20}
     page = client.get("/v1/datasets/tiny/samples", params={"split": "test", "label": 2, "limit": 4}).json()
     assert len(page["items"]) == 4 and page["next_cursor"]
     assert all(s["split"] == "test" and s["label"] == 2 for s in page["items"])

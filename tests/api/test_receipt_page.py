@@ -20,10 +20,8 @@ from typing import Any
 
 import pytest
 import uvicorn
-from sqlalchemy import update
 
 from app.cli import main as cli_main
-from app.db.models import Job
 from app.main import create_app
 from app.services import jobs
 
@@ -79,17 +77,14 @@ def _history() -> list[dict[str, Any]]:
     return out
 
 
-def _finish(dep: Any, ids: list[str], checkpoint: bytes, **values: Any) -> str:
+def _finish(dep: Any, ids: list[str], checkpoint: bytes, **evidence: Any) -> str:
+    """Run a job for `ids` to publication through the service, with `evidence` and `history`
+    as the worker would report them."""
     sub = dep.submit("m", ids, subject_ref="DSR-2026-0042")
     job_id = sub.body["job_id"]
     with dep.sessions() as s:
         assert jobs.claim_job(s, job_id, "w1", heartbeat_timeout_s=60, store=dep.store) is not None
-    assert dep.complete(job_id, checkpoint).published
-    if not values:
-        return str(sub.body["id"])
-    with dep.sessions() as s:
-        s.execute(update(Job).where(Job.id == job_id).values(**values))
-        s.commit()
+    assert dep.complete(job_id, checkpoint, **evidence).published
     return str(sub.body["id"])
 
 
@@ -148,7 +143,7 @@ def test_receipt_page_renders_in_headless_chromium(
     full = _finish(dep, train[:10], make_checkpoint(seed=2),
                    evidence=_evidence(train[:10], pending=False), history=_history())
     pending = _finish(dep, train[10:15], make_checkpoint(seed=3),
-                      evidence=_evidence(train[10:15], pending=True))
+                      evidence=_evidence(train[10:15], pending=True), history=None)
 
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)

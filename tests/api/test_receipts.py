@@ -32,11 +32,12 @@ from app.services import jobs
 from app.settings import Settings
 
 PROBLEM = "application/problem+json"
-DOCS = Path(__file__).resolve().parents[2] / "docs" / "receipts.md"
+ROOT = Path(__file__).resolve().parents[2]
+DOCS = ROOT / "docs" / "receipts.md"
 
 
 def canned_evidence(forget_ids: list[str], *, pending: bool = False) -> dict[str, Any]:
-    """Evidence of the engine's shape (plan: evidence schema) for a 10-sample forget set."""
+    """Evidence of the engine's shape for a 10-sample forget set."""
     if pending:
         return {
             "alpha": 0.05,
@@ -101,15 +102,21 @@ def finish(dep: Any, ids: list[str], *, evidence: Any = None, history: Any = Non
     else:
         with dep.sessions() as s:
             version = int(s.scalar(select(ModelVersion.version).order_by(ModelVersion.version.desc())) or 1)
-        result = dep.complete(job_id, dep.extra["checkpoint"](seed=version + 1))
-        assert result.published
-    values: dict[str, Any] = {"evidence": evidence, "history": history}
+        result = dep.complete(job_id, dep.extra["checkpoint"](seed=version + 1),
+                              evidence=evidence, history=history)
+        assert result.published, result.verdict_detail
+    if fail:
+        _set_job(dep, job_id, evidence=evidence, history=history)
     if verdict is not None:
-        values["verdict"] = verdict
+        _set_job(dep, job_id, verdict=verdict)
+    return str(sub.body["id"]), str(job_id)
+
+
+def _set_job(dep: Any, job_id: str, **values: Any) -> None:
+    """Overwrite stored job fields (a verdict or evidence the service would not produce here)."""
     with dep.sessions() as s:
         s.execute(update(Job).where(Job.id == job_id).values(**values))
         s.commit()
-    return str(sub.body["id"]), str(job_id)
 
 
 @pytest.fixture
@@ -365,15 +372,16 @@ def test_plain_cryptography_verifies_a_receipt_without_lethe(sqlite_api: tuple[T
     assert not check(receipt)
 
 
+@pytest.mark.parametrize("page", ["docs/receipts.md", "README.md"])
 def test_the_documented_snippet_verifies_a_receipt(
-    sqlite_api: tuple[TestClient, Any], tmp_path: Path
+    sqlite_api: tuple[TestClient, Any], tmp_path: Path, page: str
 ) -> None:
     client, dep = sqlite_api
     train, _ = dep.ids()
     body = _receipt(client, finish(dep, train[:4])[0])
     (tmp_path / "receipt.json").write_bytes(body)
     (tmp_path / "keys.json").write_text(json.dumps(_keys(client)))
-    blocks = re.findall(r"```python\n(.*?)```", DOCS.read_text(), re.S)
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / page).read_text(), re.S)
     snippet = next(b for b in blocks if "Ed25519PublicKey" in b)
     assert "import app" not in snippet and "from app" not in snippet
     ok = subprocess.run([sys.executable, "-I", "-c", snippet], cwd=tmp_path, capture_output=True, text=True)

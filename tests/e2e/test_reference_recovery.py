@@ -86,10 +86,11 @@ def _references_interrupted_and_resumed(service: Service, dataset: Path) -> None
         req = client.create_deletion_request("tiny-cnn", train_ids[:2])
         done = client.wait_for_request(req["id"], timeout=300)
         assert done["status"] == "succeeded", (done, service.logs())
-        deletion_job = client.get_job(str(done["job_id"]))
-        evidence = deletion_job.get("evidence")
-        if evidence is not None:  # job evidence is exposed once stored by the job service
-            assert evidence["references"]["status"] == "ready", evidence
+        # Its evidence was judged with the statistics and is stated in the signed receipt.
+        receipt = client.get_receipt(req["id"])
+        assert receipt["forgetting_test"]["status"] in ("tested", "test_has_no_power"), receipt
+        assert receipt["forgetting_test"]["references"]["status"] == "ready"
+        assert receipt["verdict"]["forgetting"] == receipt["forgetting_test"]["status"]
 
         started = [e for e in client.list_audit(limit=1000)
                    if e["action"] == "job.started" and e["subject"] == f"job:{ref_job}"]

@@ -178,3 +178,16 @@ def test_npz_subjects_and_synthetic_groups(tmp_path):
     np.savez(path, x=np.zeros((6, 4, 4), np.uint8), y=np.arange(6) % 2, ids=ids, subjects=subjects[:5])
     with pytest.raises(InvalidInput, match="one entry per sample"):
         load_dataset(DatasetSpec("npz", str(path)))
+
+def test_heldout_sizes_from_label_counts_match_the_partition(tmp_path) -> None:
+    """The service shows `calibration`/`audit` sizes from its index's per-label test counts
+    (`heldout_sizes_of`); they must be the partition's, odd label counts included."""
+    from engine.datasets import heldout_sizes_of
+
+    labels = np.array([0] * 7 + [1] * 4 + [2] * 1 + [0] * 3)
+    splits = np.array(["test"] * 12 + ["train"] * 3)
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.zeros((15, 4, 4), np.uint8), y=labels,
+             ids=np.array([f"i{k}" for k in range(15)]), split=splits)
+    ds = load_dataset(DatasetSpec("npz", str(path)))
+    assert ds.heldout_sizes() == heldout_sizes_of([7, 4, 1]) == {"calibration": 5, "audit": 7}

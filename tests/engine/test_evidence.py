@@ -234,3 +234,25 @@ def test_statistics_from_another_dataset_are_refused(problem, stats):
     other = ReferenceStats(ids=stats.ids, out=stats.out, meta={**stats.meta, "fingerprint": "x"})
     with pytest.raises(InvalidInput, match="another dataset"):
         _evidence(problem, problem.original, other)
+
+
+def test_per_sample_targets_forget_what_never_trained_models_misclassify(problem, stats):
+    """The default method with the model's reference statistics: a forget sample that models
+    which never saw it misclassify (the random labels) ends misclassified; a typical forget
+    sample, which they recognise, stays correct. Without the targets the memorised samples
+    are still recognised (the population rule sees them as unseen already)."""
+    train = problem.data.dataset.train_indices
+    typical = problem.retain_idx[:: len(problem.retain_idx) // 16][:16]
+    forget = np.sort(np.concatenate([problem.forget_idx, typical]))
+    retain = train[~np.isin(train, forget)]
+    common = dict(arch="small_cnn", num_classes=NUM_CLASSES, data=problem.data, forget_idx=forget,
+                  retain_idx=retain, recipe=RECIPE, teacher_seed=11, seed=0, reference_stats=stats)
+    without = unlearn(problem.original, **common)  # the default: targets off
+    assert problem.acc(without.model, problem.forget_idx) >= 0.75
+    res = unlearn(problem.original, options={"per_sample_targets": True}, **common)
+    assert res.extra["targeted"] == len(problem.forget_idx)  # exactly the memorised ones
+    assert problem.acc(res.model, problem.forget_idx) <= 0.125
+    assert problem.acc(res.model, typical) >= 15 / 16
+    assert problem.acc(res.model, problem.data.dataset.audit_indices) >= 0.95
+    e = res.evidence
+    assert e is not None and forgetting_verdict(e)["passed"], e["statement"]

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sample_data import write_tiny_dataset
+from sample_data import write_memorisation_dataset, write_tiny_dataset
 from worker_world import World
 
 from app.db import create_db_engine, create_session_factory
@@ -22,7 +22,9 @@ from app.settings import Settings
 from models_store import Store
 
 
-def _world(tmp_path: Path, database_url: str | None, *, references: bool = False) -> Iterator[World]:
+def _world(
+    tmp_path: Path, database_url: str | None, *, references: bool = False, reference_k: int = 2
+) -> Iterator[World]:
     var = tmp_path / "var"
     settings = Settings(
         var_dir=var,
@@ -30,7 +32,7 @@ def _world(tmp_path: Path, database_url: str | None, *, references: bool = False
         run_background_loops=False,
         heartbeat_timeout_s=30.0,
         references=references,
-        reference_k=2,
+        reference_k=reference_k,
     )
     upgrade(settings.database_url)
     engine = create_db_engine(settings.database_url)
@@ -77,3 +79,15 @@ def any_ref_world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Wo
         yield from _world(tmp_path, None, references=True)
     else:
         yield from _world(tmp_path, request.getfixturevalue("pg_database_url"), references=True)
+
+
+@pytest.fixture
+def memo_world(tmp_path: Path) -> Iterator[tuple[World, list[str]]]:
+    """Reference jobs on with K = 4, and `memo` registered: the tiny dataset at 100 samples a
+    class plus 16 training samples only memorisation classifies (their IDs come with it)."""
+    for world in _world(tmp_path, None, references=True, reference_k=4):
+        path, memorised = write_memorisation_dataset(tmp_path / "memo.npz", per_class=100)
+        with world.sessions() as s:
+            dataset_service.register_dataset(s, name="memo", kind="npz", uri=str(path),
+                                             actor=world.principal.name)
+        yield world, memorised

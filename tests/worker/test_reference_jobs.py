@@ -85,22 +85,9 @@ def test_a_queued_reference_job_never_blocks_the_line(ref_world: World) -> None:
     assert _row(world).status == "queued"
 
 
-def _wait_for_references(world: World, model: str = "tiny") -> None:
-    """Turn the policy key on in the row (the key is declared in `DEFAULT_POLICY` elsewhere;
-    the claim reads it with `.get`)."""
-    from app.db.models import ModelRow
-
-    with world.sessions() as s:
-        row = s.scalar(select(ModelRow).where(ModelRow.name == model))
-        assert row is not None
-        row.policy = {**row.policy, "wait_for_references": True}
-        s.commit()
-
-
 def test_wait_for_references_holds_unlearning_until_they_are_ready(ref_world: World) -> None:
     world = ref_world
-    train_job = world.register_model(policy=LENIENT_POLICY)
-    _wait_for_references(world)
+    train_job = world.register_model(policy={**LENIENT_POLICY, "wait_for_references": True})
     assert _run(world, train_job).outcome == "succeeded"
     _, job_id = world.submit("tiny", world.train_ids()[:2])
     assert job_id
@@ -121,8 +108,7 @@ def test_a_cancelled_reference_job_releases_waiting_jobs(ref_world: World) -> No
     from app.services.jobs import cancel_job
 
     world = ref_world
-    train_job = world.register_model(policy=LENIENT_POLICY)
-    _wait_for_references(world)
+    train_job = world.register_model(policy={**LENIENT_POLICY, "wait_for_references": True})
     assert _run(world, train_job).outcome == "succeeded"
     _, job_id = world.submit("tiny", world.train_ids()[:2])
     assert job_id and _run(world, job_id).outcome == "skipped"

@@ -9,7 +9,7 @@ from app.db.models import DeletionRequest, Job, JobRequest, ModelRow
 from app.db.types import utcnow
 from app.services.audit import append_event
 from app.services.jobs.endings import finish_requests
-from app.services.jobs.judging import Judgement
+from app.services.jobs.judging import Judgement, record_report
 from app.services.jobs.lifecycle import create_job
 from app.services.jobs.queries import load_model, next_queued_job_id, open_requests
 from app.vocab import JobKind, JobPhase, JobStatus, RequestStatus
@@ -18,10 +18,8 @@ from app.vocab import JobKind, JobPhase, JobStatus, RequestStatus
 def fail_on_verdict(session: Session, job: Job, judged: Judgement) -> tuple[str | None, str | None]:
     """Fail `job` on its verdict in the caller's transaction; returns the fallback job's id
     (None when there is none) and the model's next claimable job's id."""
-    report = judged.report
-    job.metrics, job.reference, job.gaps = report.all_metrics, report.reference, report.gaps
-    job.verdict, job.seconds = judged.verdict, report.seconds
-    job.method_options = {**(job.method_options or {}), "resolved": report.method_config or {}}
+    record_report(job, judged)
+    job.method_options = {**(job.method_options or {}), "resolved": judged.report.method_config or {}}
     model = load_model(session, job.model_id, lock=True)
     job.status, job.phase, job.finished_at = JobStatus.FAILED, JobPhase.DONE, utcnow()
     job.error = {"code": "verdict_failed", "message": "; ".join(judged.verdict["reasons"])}

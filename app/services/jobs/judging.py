@@ -40,15 +40,15 @@ class RunReport:
     seconds: float
     steps: int
     device: str
+    # The per-sample forgetting evidence (`engine.references.build_evidence`); None for runs
+    # that delete nothing.
+    evidence: dict[str, Any] | None = None
 
     def finite(self) -> RunReport:
         """The report as it is stored: evidence is JSON, which has no inf or nan, so such a
         value is recorded as null."""
-        metrics, reference, gaps, history = (
-            finite_json(x) for x in (self.metrics, self.reference, self.gaps, self.history)
-        )
-        return RunReport(metrics, reference, gaps, history, self.method, self.method_config,
-                         self.teacher_seed, self.seconds, self.steps, self.device)
+        return replace(self, **{name: finite_json(getattr(self, name)) for name in
+                                ("metrics", "reference", "gaps", "history", "evidence")})
 
     @property
     def all_metrics(self) -> dict[str, Any]:
@@ -87,7 +87,7 @@ def judge(session: Session, job: Job, report: RunReport) -> Judgement:
     parent_metrics = version_metrics(session, model.id, job.base_version)
     verdict = policy_rules.evaluate(
         model.policy, kind=job.kind, metrics=report.metrics, parent_metrics=parent_metrics,
-        gaps=report.gaps,
+        gaps=report.gaps, reference=report.reference, evidence=report.evidence,
     )
     forget_ids = pending_forget_ids(session, job) if job.kind != JobKind.TRAIN else []
     lineage = sorted(set(tombstoned(session, model.id)) | set(forget_ids))
@@ -104,6 +104,15 @@ def judge(session: Session, job: Job, report: RunReport) -> Judgement:
         manifest={},
     )
     return replace(judgement, manifest=_manifest(session, job, model, judgement))
+
+
+def record_report(job: Job, judged: Judgement) -> None:
+    """Keep the run's evidence on the job, whether it publishes or fails: metrics, the retrain
+    reference and its gaps, the verdict, the per-sample evidence and the step history."""
+    report = judged.report
+    job.metrics, job.reference, job.gaps = report.all_metrics, report.reference, report.gaps
+    job.verdict, job.seconds = judged.verdict, report.seconds
+    job.evidence, job.history = report.evidence, report.history
 
 
 def _manifest(session: Session, job: Job, model: ModelRow, judged: Judgement) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from app.services.audit import append_event
 from app.services.common import bulk_insert, table_of
 from app.services.jobs.endings import finish_requests, mark_cancelled
 from app.services.jobs.fallback import fail_on_verdict
-from app.services.jobs.judging import Judgement, RunReport, judge
+from app.services.jobs.judging import Judgement, RunReport, judge, record_report
 from app.services.jobs.queries import (
     check_attempt,
     load_job,
@@ -65,6 +65,7 @@ def complete_job(
     seconds: float,
     steps: int,
     device: str,
+    evidence: dict[str, Any] | None = None,
     attempt: int | None = None,
     worker: str | None = None,
 ) -> CompletionResult:
@@ -79,7 +80,7 @@ def complete_job(
     """
     job_id = str(job_id)
     report = RunReport(metrics, reference, gaps, history, method, method_config, teacher_seed,
-                       seconds, steps, device).finite()
+                       seconds, steps, device, evidence).finite()
     with unit_of_work(session):
         job = load_job(session, job_id, lock=True)
         check_attempt(job, attempt, worker)
@@ -188,8 +189,7 @@ def _add_version(
     )
     model.latest_version = new_version
     model.forgotten_count = len(judged.lineage)
-    job.metrics, job.reference, job.gaps = report.all_metrics, report.reference, report.gaps
-    job.verdict, job.seconds = judged.verdict, report.seconds
+    record_report(job, judged)
     job.status, job.phase, job.finished_at = JobStatus.SUCCEEDED, JobPhase.DONE, now
     job.result_version = new_version
     job.progress = 1.0
