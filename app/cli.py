@@ -4,7 +4,7 @@
     lethe worker                     one GPU worker (Celery, queue `gpu`, solo pool)
     lethe migrate                    Alembic upgrade head
     lethe apikey create --name N --scopes S,...  |  revoke NAME  |  list
-    lethe submit --model M --ids A B C | --ids-file F [--wait]
+    lethe submit --model M [--ids A B C | --ids-file F] [--subjects S ...] [--wait]
     lethe status [REQUEST_ID] [--job JOB_ID]
     lethe download --model M [--version N] [-o PATH]
     lethe audit verify
@@ -515,8 +515,8 @@ def _read_ids(args: argparse.Namespace) -> list[str]:
             for line in text.splitlines()
             if line.strip() and not line.strip().startswith("#")
         )
-    if not ids:
-        raise CLIError("no sample IDs given (--ids or --ids-file)")
+    if not ids and not args.subjects:
+        raise CLIError("no sample IDs or subjects given (--ids, --ids-file or --subjects)")
     return ids
 
 
@@ -526,7 +526,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     with _client(args) as client:
         request = client.create_deletion_request(
             args.model,
-            ids,
+            ids or None,
+            subject_ids=args.subjects,
             subject_ref=args.subject_ref,
             reason=args.reason,
             method=args.method,
@@ -766,9 +767,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     su = sub.add_parser("submit", help="submit a deletion request")
     su.add_argument("--model", required=True)
-    ids = su.add_mutually_exclusive_group(required=True)
+    ids = su.add_mutually_exclusive_group()
     ids.add_argument("--ids", nargs="+", metavar="ID")
     ids.add_argument("--ids-file", metavar="FILE", help="one ID per line ('-' for stdin)")
+    su.add_argument("--subjects", nargs="+", metavar="SUBJECT",
+                    help="data subjects whose training samples to forget (with or without IDs)")
     su.add_argument("--subject-ref")
     su.add_argument("--reason")
     su.add_argument("--method", choices=METHOD_NAMES)

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypedDict, cast
+from urllib.parse import quote
 
 import httpx
 
@@ -136,9 +137,22 @@ class DeletionRequest(TypedDict, total=False):
     verdict: dict[str, Any] | None
     metrics: dict[str, Any] | None
     error: dict[str, Any] | None
+    subjects: dict[str, Any] | None
     received_at: str
     started_at: str | None
     finished_at: str | None
+
+
+class DeletionRequestGroup(TypedDict, total=False):
+    """`GET /v1/deletion-request-groups/{id}` (schema `DeletionRequestGroupPublic`): a request
+    that named several models, with each model's deletion request."""
+
+    id: str
+    models: list[str]
+    status: str
+    subject_ref: str | None
+    requests: list[Any]
+    received_at: str
 
 
 class Job(TypedDict, total=False):
@@ -281,13 +295,38 @@ class ReceiptKey(TypedDict, total=False):
 
 
 #: Each resource type and the OpenAPI component schema it mirrors.
+class Subject(TypedDict, total=False):
+    """`GET /v1/datasets/{name}/subjects/{subject_id}` (schema `SubjectPublic`)."""
+
+    dataset: str
+    subject_id: str
+    dataset_has_subjects: bool
+    sample_count: int
+    splits: dict[str, Any]
+
+
+class OpendsrRequestStatus(TypedDict, total=False):
+    """`GET /opendsr/v2/requests/{subject_request_id}` (schema `OpendsrStatusPublic`)."""
+
+    controller_id: str
+    expected_completion_time: str
+    subject_request_id: str
+    request_status: str
+    api_version: str
+    results_count: int | None
+    deletion_requests: list[Any]
+
+
 SCHEMAS: dict[str, type] = {
     "DeletionRequestPublic": DeletionRequest,
+    "DeletionRequestGroupPublic": DeletionRequestGroup,
     "JobPublic": Job,
     "ModelPublic": Model,
     "VersionPublic": ModelVersion,
     "ReferencesPublic": References,
     "DatasetPublic": Dataset,
+    "SubjectPublic": Subject,
+    "OpendsrStatusPublic": OpendsrRequestStatus,
     "ChainVerification": AuditVerification,
     "ReceiptPublic": Receipt,
     "ReceiptKeyPublic": ReceiptKey,
@@ -401,8 +440,9 @@ class LetheClient:
     def create_deletion_request(
         self,
         model: str,
-        sample_ids: list[str],
+        sample_ids: list[str] | None = None,
         *,
+        subject_ids: list[str] | None = None,
         subject_ref: str | None = None,
         reason: str | None = None,
         method: str | None = None,
@@ -411,9 +451,12 @@ class LetheClient:
         callback_url: str | None = None,
         idempotency_key: str | None = None,
     ) -> DeletionRequest:
-        """`POST /v1/deletion-requests`; returns the accepted request resource."""
-        body: dict[str, Any] = {"model": model, "sample_ids": sample_ids}
+        """`POST /v1/deletion-requests` naming samples, data subjects or both; returns the
+        accepted request resource."""
+        body: dict[str, Any] = {"model": model}
         optional = {
+            "sample_ids": sample_ids,
+            "subject_ids": subject_ids,
             "subject_ref": subject_ref,
             "reason": reason,
             "method": method,
@@ -539,6 +582,41 @@ class LetheClient:
     def get_dataset(self, name: str) -> Dataset:
         """`GET /v1/datasets/{name}`."""
         return cast(Dataset, self._json("GET", f"/v1/datasets/{name}"))
+
+    def forget_everywhere(
+        self,
+        subject_ids: list[str],
+        *,
+        models: list[str] | None = None,
+        subject_ref: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> DeletionRequestGroup:
+        """`POST /v1/deletion-requests` for data subjects in several models: those listed, or
+        (default) every model whose dataset holds them; returns the group resource."""
+        body: dict[str, Any] = {"subject_ids": subject_ids}
+        body.update({"models": models} if models is not None else {"model": "*"})
+        if subject_ref is not None:
+            body["subject_ref"] = subject_ref
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return cast(
+            DeletionRequestGroup, self._json("POST", "/v1/deletion-requests", json=body, headers=headers)
+        )
+
+    def get_deletion_request_group(self, group_id: str) -> DeletionRequestGroup:
+        """`GET /v1/deletion-request-groups/{id}`."""
+        return cast(DeletionRequestGroup, self._json("GET", f"/v1/deletion-request-groups/{group_id}"))
+
+    def get_subject(self, dataset: str, subject_id: str) -> Subject:
+        """`GET /v1/datasets/{name}/subjects/{subject_id}`: the subject's samples per split."""
+        path = f"/v1/datasets/{dataset}/subjects/{quote(subject_id, safe='')}"
+        return cast(Subject, self._json("GET", path))
+
+    def get_opendsr_request(self, subject_request_id: str) -> OpendsrRequestStatus:
+        """`GET /opendsr/v2/requests/{id}` (scope `opendsr`): the OpenDSR status and the
+        deletion request of each model (the signature headers are not checked here; see
+        `docs/opendsr_client.py` for a controller that checks them)."""
+        path = f"/opendsr/v2/requests/{subject_request_id}"
+        return cast(OpendsrRequestStatus, self._json("GET", path))
 
     def list_samples(
         self,

@@ -6,6 +6,8 @@
     │   ├── UnknownSampleIds            422 unknown_sample_ids     (sample_ids, count)
     │   ├── TestSplitSamples            422 test_split_samples     (sample_ids, count)
     │   ├── DuplicateSampleIds          422 duplicate_sample_ids   (sample_ids, count)
+    │   ├── DuplicateSubjectIds         422 duplicate_subject_ids
+    │   ├── DatasetWithoutSubjects      422 dataset_without_subjects
     │   ├── InvalidMethodOptions        422 invalid_method_options (errors: each option)
     │   ├── InvalidCheckpoint           422 invalid_checkpoint
     │   ├── UnsupportedArchitecture     422 unsupported_architecture (the library lacks the model)
@@ -13,7 +15,9 @@
     │   ├── UnreadableImages            422 unreadable_images      (sample_ids, problems)
     │   └── IdempotencyKeyMismatch      422 idempotency_key_mismatch
     ├── BadRequest                      400 bad_request
-    │   └── InvalidCursor               400 invalid_cursor         (not a cursor Lethe issued)
+    │   ├── InvalidCursor               400 invalid_cursor         (not a cursor Lethe issued)
+    │   ├── UnsupportedRequestType      400 unsupported_request_type (OpenDSR: not erasure)
+    │   └── UnsupportedIdentity         400 unsupported_identity   (OpenDSR: no usable identity)
     ├── Unauthorized                    401 unauthorized
     ├── Forbidden                       403 forbidden
     ├── NotFound                        404 not_found
@@ -21,10 +25,13 @@
     │   ├── DatasetNotFound             404 dataset_not_found
     │   ├── VersionNotFound             404 version_not_found
     │   ├── RequestNotFound             404 request_not_found
+    │   ├── GroupNotFound               404 group_not_found
+    │   ├── OpendsrRequestNotFound      404 opendsr_request_not_found
     │   └── JobNotFound                 404 job_not_found
     ├── Conflict                        409 conflict
     │   ├── AlreadyExists               409 already_exists
     │   ├── NotCancellable              409 not_cancellable
+    │   ├── OpendsrRequestExists        409 opendsr_request_exists
     │   ├── IdempotencyInFlight         409 idempotency_in_flight
     │   ├── StaleAttempt                409 stale_attempt          (a worker lost its claim)
     │   ├── ReceiptNotReady             409 receipt_not_ready      (the request is not final yet)
@@ -34,6 +41,10 @@
     ├── PayloadTooLarge                 413 payload_too_large
     ├── RangeNotSatisfiable             416 range_not_satisfiable
     └── Unavailable                     503 unavailable
+
+On the OpenDSR paths (`/opendsr/`) an input error is a 400, as that protocol requires, and
+every problem document also carries the protocol's `error` object (`code`, `message`,
+`errors`).
 
 `engine.errors.InvalidInput` subclasses map onto the same codes (`to_lethe_error`), so an
 engine refusal reaches the client as the same problem document as a service refusal. One
@@ -116,6 +127,14 @@ class DuplicateSampleIds(_SampleIdProblem):
     code, title, noun = "duplicate_sample_ids", "Duplicate sample IDs", "sample IDs given twice"
 
 
+class DuplicateSubjectIds(InvalidInput):
+    code, title = "duplicate_subject_ids", "Duplicate subject IDs"
+
+
+class DatasetWithoutSubjects(InvalidInput):
+    code, title = "dataset_without_subjects", "The dataset names no data subjects"
+
+
 class InvalidMethodOptions(InvalidInput):
     code, title = "invalid_method_options", "Invalid method options"
 
@@ -163,6 +182,14 @@ class InvalidCursor(BadRequest):
     code, title = "invalid_cursor", "Invalid cursor"
 
 
+class UnsupportedRequestType(BadRequest):
+    code, title = "unsupported_request_type", "Subject request type not supported"
+
+
+class UnsupportedIdentity(BadRequest):
+    code, title = "unsupported_identity", "No supported identity"
+
+
 class Unauthorized(LetheError):
     status, code, title = 401, "unauthorized", "Missing or invalid API key"
 
@@ -191,6 +218,14 @@ class RequestNotFound(NotFound):
     code, title = "request_not_found", "Deletion request not found"
 
 
+class GroupNotFound(NotFound):
+    code, title = "group_not_found", "Deletion request group not found"
+
+
+class OpendsrRequestNotFound(NotFound):
+    code, title = "opendsr_request_not_found", "OpenDSR request not found"
+
+
 class JobNotFound(NotFound):
     code, title = "job_not_found", "Job not found"
 
@@ -205,6 +240,10 @@ class AlreadyExists(Conflict):
 
 class NotCancellable(Conflict):
     code, title = "not_cancellable", "Not cancellable in its current status"
+
+
+class OpendsrRequestExists(Conflict):
+    code, title = "opendsr_request_exists", "An OpenDSR request with this id exists"
 
 
 class IdempotencyInFlight(Conflict):
@@ -266,6 +305,22 @@ def to_lethe_error(exc: engine_errors.EngineError) -> LetheError:
     return LetheError("engine error")
 
 
+#: Where the OpenDSR processor interface lives (its errors speak that protocol too).
+OPENDSR_PREFIX = "/opendsr/"
+
+
+def opendsr_problem(body: dict[str, Any]) -> dict[str, Any]:
+    """A problem document as the OpenDSR protocol wants it: input errors are 400, and the
+    protocol's `error` object (specification §7.6) rides along."""
+    status = 400 if body["status"] == 422 else body["status"]
+    reasons = [
+        {"domain": "Validation", "reason": e.get("type") or body["code"], "message": e.get("msg", "")}
+        for e in body.get("errors", [])
+    ] or [{"domain": "Lethe", "reason": body["code"], "message": body["detail"]}]
+    return {**body, "status": status,
+            "error": {"code": status, "message": body["detail"], "errors": reasons}}
+
+
 #: The methods a 405's `Allow` may name (the app serves no others).
 _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
@@ -297,12 +352,10 @@ def install_handlers(app: Any) -> None:
 
     def render(request: Request, err: LetheError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
-        return JSONResponse(
-            err.problem(instance=request.url.path),
-            status_code=err.status,
-            media_type=PROBLEM_JSON,
-            headers=headers,
-        )
+        body = err.problem(instance=request.url.path)
+        if request.url.path.startswith(OPENDSR_PREFIX):
+            body = opendsr_problem(body)
+        return JSONResponse(body, status_code=body["status"], media_type=PROBLEM_JSON, headers=headers)
 
     async def on_lethe(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, LetheError)

@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from pydantic.json_schema import models_json_schema
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api import audit, datasets, deletions, jobs, models, ops, receipts
+from app.api import audit, datasets, deletions, jobs, models, opendsr, ops, receipts
 from app.api.schemas import (
     CALLBACK_PATTERN_DEVELOPMENT,
     CALLBACK_PATTERN_HTTPS,
@@ -119,14 +119,14 @@ class LetheAPI(FastAPI):
         for name, schema in top["$defs"].items():
             schemas.setdefault(name, schema)
         settings: Settings = self.state.settings
+        pattern = (
+            CALLBACK_PATTERN_DEVELOPMENT if settings.environment == "development" else CALLBACK_PATTERN_HTTPS
+        )
         callback = schemas["DeletionRequestCreate"]["properties"]["callback_url"]
         for variant in callback.get("anyOf", [callback]):
             if variant.get("type") == "string":
-                variant["pattern"] = (
-                    CALLBACK_PATTERN_DEVELOPMENT
-                    if settings.environment == "development"
-                    else CALLBACK_PATTERN_HTTPS
-                )
+                variant["pattern"] = pattern
+        schemas["OpendsrRequestCreate"]["properties"]["status_callback_urls"]["items"]["pattern"] = pattern
         return document
 
 
@@ -175,6 +175,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         BodyLimit, max_body=settings.max_body_bytes, max_upload=settings.max_checkpoint_bytes
     )
-    for module in (deletions, receipts, jobs, datasets, models, audit, ops):
+    for module in (deletions, receipts, jobs, datasets, models, audit, opendsr, ops):
         app.include_router(module.router)
+    app.include_router(deletions.group_router)
     return app

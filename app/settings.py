@@ -56,6 +56,16 @@ class Settings(BaseSettings):
     # development; in development a key is generated on first use under `var_dir`.
     receipt_signing_key_file: Path | None = None
 
+    # OpenDSR processor interface (`/opendsr/v2`): the processor's PEM private key (RSA or EC)
+    # and its X.509 certificate (required outside development; development generates a
+    # self-signed pair under `var_dir` and says so), the domain they are issued to, the
+    # identity types whose raw value is a subject ID, and the completion time promised.
+    opendsr_key_file: Path | None = None
+    opendsr_certificate_file: Path | None = None
+    opendsr_domain: str = "localhost"
+    opendsr_subject_identity_types: list[str] = Field(default_factory=lambda: ["controller_customer_id"])
+    opendsr_expected_completion_days: float = Field(default=7.0, gt=0)
+
     # Limits.
     max_ids_per_request: int = 100_000
     max_body_bytes: int = 32 * 1024 * 1024  # 100,000 IDs of up to 200 characters

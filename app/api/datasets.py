@@ -1,4 +1,4 @@
-"""`/v1/datasets`: register (admin), read, list, list samples."""
+"""`/v1/datasets`: register (admin), read, list, list samples, look up a data subject."""
 
 from __future__ import annotations
 
@@ -14,12 +14,17 @@ from app.api.schemas import (
     DatasetList,
     DatasetPublic,
     SampleList,
+    SubjectPublic,
 )
 from app.services import datasets
 from app.services.apikeys import Principal
 from app.vocab import Scope
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+#: A subject ID as a path segment: printable, no `/`, not starting with `.` (IDs outside this
+#: are looked up by naming them in a deletion request instead).
+SUBJECT_IN_PATH = r"^[^\x00-\x1f\x7f/.][^\x00-\x1f\x7f/]{0,199}$"
+SUBJECT_IN_PATH_DESCRIPTION = "The subject ID (percent-encoded); no '/' and no leading '.'"
 NamePath = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")]
 
 
@@ -67,3 +72,14 @@ def list_samples(
         session, name, split=split, label=label, limit=paging.limit, cursor=paging.cursor
     )
     return {"items": page.items, "next_cursor": page.next_cursor}
+
+
+@router.get("/{name}/subjects/{subject_id}", response_model=SubjectPublic, responses=PROBLEM_RESPONSES)
+def get_subject(
+    name: NamePath,
+    subject_id: Annotated[str, Path(pattern=SUBJECT_IN_PATH, description=SUBJECT_IN_PATH_DESCRIPTION)],
+    session: SessionDep,
+    _: Annotated[Principal, Depends(require(Scope.MODELS_READ))],
+) -> Any:
+    """How many samples, per split, a data subject has in the dataset (zero when unknown)."""
+    return datasets.get_subject(session, name, subject_id)

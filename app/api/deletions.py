@@ -11,15 +11,17 @@ from app.api.deps import PagingDep, SessionDep, SettingsDep, require
 from app.api.schemas import (
     PROBLEM_RESPONSES,
     DeletionRequestCreate,
+    DeletionRequestGroupPublic,
     DeletionRequestList,
     DeletionRequestPublic,
     link,
 )
-from app.services import deletions
+from app.services import deletion_groups, deletions
 from app.services.apikeys import Principal
 from app.vocab import RequestStatus, Scope
 
 router = APIRouter(prefix="/v1/deletion-requests", tags=["deletion requests"])
+group_router = APIRouter(prefix="/v1/deletion-request-groups", tags=["deletion requests"])
 
 
 _REQUEST_LINKS = {
@@ -34,12 +36,13 @@ _REQUEST_LINKS = {
 @router.post(
     "",
     status_code=202,
-    response_model=DeletionRequestPublic,
+    response_model=DeletionRequestPublic | DeletionRequestGroupPublic,
     responses={
         **PROBLEM_RESPONSES,
-        202: {"description": "Accepted", "links": _REQUEST_LINKS},
+        202: {"description": "Accepted: the request, or the group of a request naming several "
+                             "models", "links": _REQUEST_LINKS},
     },
-    summary="Ask a model to forget samples",
+    summary="Ask a model (or several) to forget samples or data subjects",
 )
 def create_deletion_request(
     body: DeletionRequestCreate,
@@ -57,7 +60,8 @@ def create_deletion_request(
         ),
     ] = None,
 ) -> Any:
-    """Accept a deletion request (202); it joins the model's queued job or starts one."""
+    """Accept a deletion request (202); it joins the model's queued job or starts one. Naming
+    several models (`models`, or `model: "*"`) accepts one request per model, as a group."""
     result = deletions.submit_deletion_request(
         session,
         principal=principal,
@@ -65,9 +69,9 @@ def create_deletion_request(
         idempotency_key=idempotency_key,
         **body.model_dump(),
     )
-    if result.enqueue_job_id:
-        request.app.state.dispatcher.enqueue(result.enqueue_job_id)
-    headers = {"Location": f"/v1/deletion-requests/{result.body.get('id')}"}
+    request.app.state.dispatcher.enqueue_many(result.job_ids)
+    where = "deletion-request-groups" if "requests" in result.body else "deletion-requests"
+    headers = {"Location": f"/v1/{where}/{result.body.get('id')}"}
     if result.replayed:
         headers["Idempotent-Replayed"] = "true"
     return JSONResponse(result.body, status_code=result.status_code, headers=headers)
@@ -140,3 +144,13 @@ def cancel_deletion_request(
 ) -> Any:
     """Cancel a request that is still `accepted` or `queued` (else 409 `not_cancellable`)."""
     return deletions.cancel_deletion_request(session, request_id, actor=principal.name)
+
+
+@group_router.get("/{group_id}", response_model=DeletionRequestGroupPublic, responses=PROBLEM_RESPONSES)
+def get_deletion_request_group(
+    group_id: str,
+    session: SessionDep,
+    _: Annotated[Principal, Depends(require(Scope.DELETIONS_READ))],
+) -> Any:
+    """A request that named several models: each model's deletion request and their status."""
+    return deletion_groups.get_group(session, group_id)

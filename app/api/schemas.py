@@ -6,14 +6,27 @@ import re
 from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails
 
 from app.errors import PROBLEM_JSON
+from app.services.deletion_groups import MAX_MODELS
+from app.services.subjects import MAX_SUBJECTS_PER_REQUEST
 from app.vocab import (
     JobKind,
     JobPhase,
     JobStatus,
     ModelStatus,
+    OpendsrRequestType,
+    OpendsrStatus,
     ReferenceStatus,
     RequestStatus,
     VerifyMode,
@@ -25,6 +38,7 @@ from engine.model_desc import CROPS, INTERPOLATIONS
 
 #: Printable IDs only: no control characters (PostgreSQL text cannot hold NUL).
 SampleId = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
+SubjectId = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")]
 
 # Closed sets read from their sources (the method catalog, the dataset adapters, the
@@ -116,20 +130,102 @@ def _method_variants(schema: dict[str, Any]) -> None:
     schema["oneOf"] = variants
 
 
+def _request_variants(schema: dict[str, Any]) -> None:
+    """The method variants, and: a request names samples, subjects, or both; and one model
+    (`model`, a name or `*`) or several (`models`)."""
+    _method_variants(schema)
+    schema["allOf"] = [
+        {"anyOf": [_present(name, "array") for name in ("sample_ids", "subject_ids")]},
+        {"oneOf": [_present("model", "string"), _present("models", "array")]},
+    ]
+
+
+def _present(name: str, json_type: str) -> dict[str, Any]:
+    return {"required": [name], "properties": {name: {"type": json_type}}}
+
+
 class DeletionRequestCreate(_Strict):
-    """Body of `POST /v1/deletion-requests`. `method_options` are the chosen method's options
-    (each variant of `oneOf` lists one method's, with types, defaults and bounds)."""
+    """Body of `POST /v1/deletion-requests`: `sample_ids`, `subject_ids` (data subjects,
+    resolved at intake to their training samples), or both. `method_options` are the chosen
+    method's options (each variant of `oneOf` lists one method's, with types, defaults and
+    bounds)."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra=_method_variants)
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_request_variants)
 
-    model: Annotated[str, StringConstraints(min_length=1, max_length=100)]
-    sample_ids: list[SampleId] = Field(min_length=1, json_schema_extra={"uniqueItems": True})
+    model: Annotated[str, StringConstraints(min_length=1, max_length=100)] | None = Field(
+        default=None, description="The model; `*`: every model whose dataset holds the named data"
+    )
+    models: list[Name] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_MODELS,
+        json_schema_extra={"uniqueItems": True},
+        description="Several models: one deletion request each, reported together as a group",
+    )
+    sample_ids: list[SampleId] | None = Field(
+        default=None, min_length=1, json_schema_extra={"uniqueItems": True}
+    )
+    subject_ids: list[SubjectId] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_SUBJECTS_PER_REQUEST,
+        json_schema_extra={"uniqueItems": True},
+        description="Data subjects whose training samples the model forgets",
+    )
     subject_ref: Annotated[str, StringConstraints(max_length=200)] | None = None
     reason: Annotated[str, StringConstraints(max_length=2000)] | None = None
     method: MethodName = DEFAULT_METHOD
     method_options: dict[str, Any] = Field(default_factory=dict)
     verify: VerifyMode = VerifyMode.STANDARD
     callback_url: CallbackUrl | None = Field(default=None, description=CALLBACK_DESCRIPTION)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _a_model_is_named(cls, data: Any, handler: Any) -> Any:
+        """A body naming neither `model` nor `models` lists `model` as missing, beside every
+        other offending field (validation errors name them all)."""
+        unnamed = isinstance(data, dict) and data.get("model") is None and data.get("models") is None
+        missing = InitErrorDetails(type="missing", loc=("model",), input=data)
+        try:
+            value = handler(data)
+        except ValidationError as exc:
+            if not unnamed:
+                raise
+            found = [_detail(e) for e in exc.errors()]
+            raise ValidationError.from_exception_data(cls.__name__, [*found, missing]) from None
+        if unnamed:
+            raise ValidationError.from_exception_data(cls.__name__, [missing])
+        return value
+
+
+def _detail(error: Any) -> InitErrorDetails:
+    """A reported validation error as pydantic takes it back (`from_exception_data`)."""
+    detail = InitErrorDetails(type=error["type"], loc=error["loc"], input=error.get("input"))
+    if "ctx" in error:
+        detail["ctx"] = error["ctx"]
+    return detail
+
+
+class SubjectResolution(BaseModel):
+    """How a request's `subject_ids` resolved at intake: counts and digests (sha256 over the
+    sorted values joined by newlines) only, never the subject IDs."""
+
+    subject_count: int
+    subjects_without_samples: int
+    resolved_sample_count: int
+    resolved_only_count: int
+    subject_hashes_sha256: str
+    resolved_sample_ids_sha256: str
+
+
+class SubjectPublic(BaseModel):
+    """A data subject's samples in a dataset (subject IDs are stored hashed)."""
+
+    dataset: str
+    subject_id: str
+    dataset_has_subjects: bool
+    sample_count: int
+    splits: dict[str, int]
 
 
 class DeletionRequestPublic(_Open):
@@ -150,9 +246,22 @@ class DeletionRequestPublic(_Open):
     verdict: dict[str, Any] | None
     metrics: dict[str, Any] | None
     error: dict[str, Any] | None
+    subjects: SubjectResolution | None = None
     received_at: str
     started_at: str | None
     finished_at: str | None
+
+
+class DeletionRequestGroupPublic(BaseModel):
+    """A request that named several models: one deletion request per model it reached, and
+    their summed status."""
+
+    id: str
+    models: list[str]
+    status: RequestStatus
+    subject_ref: str | None
+    requests: list[DeletionRequestPublic]
+    received_at: str
 
 
 class DeletionRequestList(BaseModel):
@@ -514,3 +623,97 @@ def link(method: str, path: str, description: str, **parameters: str) -> dict[st
         "description": description,
         "parameters": parameters,
     }
+
+
+# -- OpenDSR (processor side; field names are the OpenDSR specification's) -------------------
+
+#: OpenDSR GUIDs are lowercase UUID v4 (specification §1.1).
+UUID4_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"
+
+
+class OpendsrIdentity(BaseModel):
+    """An identity of the data subject (specification §5.3)."""
+
+    identity_type: Annotated[str, StringConstraints(min_length=1, max_length=100)]
+    identity_value: SubjectId
+    identity_format: Literal["raw", "sha1", "md5", "sha256"]
+
+
+class OpendsrRequestCreate(BaseModel):
+    """Body of `POST /opendsr/v2/requests` (specification §7.1). Identities map to subjects by
+    the configured rule; `extensions[<processor domain>].property_id` names the model (or
+    `*`, the default: every model whose dataset knows the subject)."""
+
+    subject_request_id: Annotated[str, StringConstraints(pattern=UUID4_PATTERN)]
+    subject_request_type: OpendsrRequestType
+    regulation: Literal["gdpr", "ccpa"]
+    submitted_time: Timestamp
+    subject_identities: list[OpendsrIdentity] = Field(min_length=1, max_length=100)
+    api_version: Annotated[str, StringConstraints(max_length=20)] | None = None
+    status_callback_urls: list[CallbackUrl] = Field(default_factory=list, max_length=10)
+    extensions: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+class OpendsrCreated(BaseModel):
+    """The 201 answer to an OpenDSR request (specification §7.3)."""
+
+    controller_id: str
+    expected_completion_time: str
+    received_time: str
+    encoded_request: str
+    subject_request_id: str
+    api_version: str
+    processor_signature: str
+
+
+class OpendsrFulfilment(BaseModel):
+    """The deletion request that fulfils an OpenDSR request for one model."""
+
+    id: str
+    model: str
+    status: RequestStatus
+    sample_count: int
+    result_version: int | None
+
+
+class OpendsrStatusPublic(BaseModel):
+    """An OpenDSR request's status (specification §8.3), with each model's deletion request."""
+
+    controller_id: str
+    expected_completion_time: str
+    subject_request_id: str
+    request_status: OpendsrStatus
+    api_version: str
+    results_count: int | None = None
+    deletion_requests: list[OpendsrFulfilment]
+
+
+class OpendsrCancelled(BaseModel):
+    """The 202 answer to a cancellation (specification §9.2)."""
+
+    controller_id: str
+    subject_request_id: str
+    received_time: str
+    api_version: str
+    processor_signature: str
+
+
+class OpendsrSupportedIdentity(BaseModel):
+    identity_type: str
+    identity_format: str
+
+
+class OpendsrDiscovery(BaseModel):
+    """The discovery document (specification §6.3)."""
+
+    api_version: str
+    supported_identities: list[OpendsrSupportedIdentity]
+    supported_subject_request_types: list[OpendsrRequestType]
+    processor_certificate: str
+
+
+class OpendsrProcessorStatus(BaseModel):
+    """`GET /opendsr/v2/status`: the processor answers and its database is reachable."""
+
+    api_version: str
+    status: Literal["ok"]

@@ -74,6 +74,8 @@ class DatasetRow(Base):
     width: Mapped[int]
     fingerprint: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime]
+    # The HMAC key subject IDs are hashed with (hex); None when the dataset names no subjects.
+    subject_key: Mapped[str | None] = mapped_column(String(64))
 
 
 class Sample(Base):
@@ -87,6 +89,17 @@ class Sample(Base):
     split: Mapped[str] = mapped_column(String(8))
     label: Mapped[int]
     __table_args__ = (Index(None, "dataset_id", "split", "label"),)
+
+
+class SubjectSample(Base):
+    """A sample of a data subject: the subject only as HMAC-SHA256(dataset key, subject ID)."""
+
+    __tablename__ = "subject_samples"
+    dataset_id: Mapped[int] = mapped_column(
+        ForeignKey("datasets.id", ondelete="CASCADE"), primary_key=True
+    )
+    subject_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    sample_id: Mapped[str] = mapped_column(String(200), primary_key=True)
 
 
 class ModelRow(Base):
@@ -159,11 +172,38 @@ class DeletionRequest(Base):
     received_at: Mapped[datetime]
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    # How the request's `subject_ids` resolved (counts and digests; never the IDs in clear).
+    subjects: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # The OpenDSR request this one fulfils for one model, if it came through OpenDSR.
+    opendsr_request_id: Mapped[str | None] = mapped_column(String(36))
+    # The group of a request that named several models (`models`, or `model: "*"`).
+    group_id: Mapped[str | None] = mapped_column(String(40))
     __table_args__ = (
         Index(None, "model_id", "status"),
         Index(None, "subject_ref"),
         Index(None, "job_id"),
+        Index(None, "opendsr_request_id"),
+        Index(None, "group_id"),
     )
+
+
+class DeletionRequestGroup(Base):
+    """One submission naming several models: a deletion request per model it reached."""
+
+    __tablename__ = "deletion_request_groups"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    api_key_id: Mapped[str | None] = mapped_column(String(40))
+    models: Mapped[list[Any]] = mapped_column(JSON)  # as asked: names, or ["*"]
+    subject_ref: Mapped[str | None] = mapped_column(String(200))
+    received_at: Mapped[datetime]
+
+
+class RequestSubject(Base):
+    """A data subject named by a request (hashed); tombstoned when the request succeeds."""
+
+    __tablename__ = "request_subjects"
+    request_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    subject_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
 
 
 class RequestSample(Base):
@@ -251,6 +291,38 @@ class Tombstone(Base):
     __table_args__ = (UniqueConstraint("model_id", "sample_id"),)
 
 
+class SubjectTombstone(Base):
+    """A data subject forgotten by a model's lineage: none of its samples is used again."""
+
+    __tablename__ = "subject_tombstones"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"))
+    subject_hash: Mapped[str] = mapped_column(String(64))
+    request_id: Mapped[str] = mapped_column(String(40))
+    created_at: Mapped[datetime]
+    __table_args__ = (UniqueConstraint("model_id", "subject_hash"),)
+
+
+class OpendsrRequest(Base):
+    """An OpenDSR erasure request from a controller; one deletion request per model fulfils it
+    (`deletion_requests.opendsr_request_id`). `notified_status` is the last status announced
+    to the controller's callbacks."""
+
+    __tablename__ = "opendsr_requests"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)  # the subject_request_id
+    api_key_id: Mapped[str] = mapped_column(String(40))
+    controller_id: Mapped[str] = mapped_column(String(100))
+    regulation: Mapped[str] = mapped_column(String(16))
+    property_id: Mapped[str] = mapped_column(String(100))
+    identity_types: Mapped[list[Any]] = mapped_column(JSON)
+    status_callback_urls: Mapped[list[Any]] = mapped_column(JSON)
+    submitted_time: Mapped[str] = mapped_column(String(40))
+    received_at: Mapped[datetime]
+    expected_completion_at: Mapped[datetime]
+    cancelled_at: Mapped[datetime | None]
+    notified_status: Mapped[str] = mapped_column(String(16))
+
+
 class IdempotencyKey(Base):
     """A remembered POST: the first response is replayed for 24 hours."""
 
@@ -298,6 +370,8 @@ class CallbackDelivery(Base):
     api_key_id: Mapped[str | None] = mapped_column(String(40))
     url: Mapped[str] = mapped_column(Text)
     payload: Mapped[str] = mapped_column(Text)
+    # `webhook` (Lethe's HMAC-signed callbacks) or `opendsr` (signed with the processor key).
+    kind: Mapped[str] = mapped_column(String(16), server_default="webhook")
     status: Mapped[str] = mapped_column(String(16))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime]

@@ -5,7 +5,9 @@ row to `callback_deliveries`. `deliver_due` (run periodically in the API process
 rows, POSTs the request resource signed per API.md (`webhook-id`, `webhook-timestamp`,
 `webhook-signature: v1,<base64 HMAC-SHA256("id.timestamp.body")>` with the API key's webhook
 secret), records every attempt as an audit event and reschedules failures with exponential
-backoff until 24 hours after the request finished.
+backoff until 24 hours after the request finished. OpenDSR status callbacks (kind `opendsr`,
+queued by `app.services.opendsr_status`) go through the same outbox, signed instead with the
+processor's key as the OpenDSR specification says (`X-OpenDSR-Signature`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.db.models import CallbackDelivery, DeletionRequest
 from app.db.types import utcnow
-from app.errors import InvalidInput
+from app.errors import InvalidInput, LetheError
+from app.opendsr.identity import load_identity
+from app.services import opendsr_status
 from app.services.apikeys import webhook_secret
 from app.services.audit import append_event
 from app.services.common import canonical_json, new_id
@@ -67,7 +71,9 @@ def sign(secret: bytes, msg_id: str, timestamp: int, body: str) -> str:
 
 
 def enqueue_callback(session: Session, req: DeletionRequest, model_name: str) -> None:
-    """Queue the final-status webhook of `req` in the caller's transaction (if it has a URL)."""
+    """Queue the final-status webhook of `req` in the caller's transaction (if it has a URL),
+    and the OpenDSR status callbacks of the OpenDSR request it fulfils (if its status moved)."""
+    opendsr_status.on_request_change(session, req.opendsr_request_id)
     if not req.callback_url or req.status not in FINAL_REQUEST_STATUSES:
         return
     now = utcnow()
@@ -116,15 +122,20 @@ def deliver_due(
         if leased is None:
             continue
         attempted += 1
-        url, payload, key_id = leased
-        ok, code, error = _post(client, settings, delivery_id, url, payload, key_id)
+        url, payload, key_id, kind = leased
+        if kind == "opendsr":
+            ok, code, error = _post_opendsr(client, settings, url, payload)
+        else:
+            ok, code, error = _post(client, settings, delivery_id, url, payload, key_id)
         _record_attempt(sessions, settings, delivery_id, ok=ok, code=code, error=error)
     return attempted
 
 
-def _lease(sessions: sessionmaker[Session], delivery_id: str) -> tuple[str, str, str | None] | None:
-    """Lease one pending delivery for `LEASE_S` seconds; its URL, payload and API key id, or
-    None when another process holds it (or it is no longer pending)."""
+def _lease(
+    sessions: sessionmaker[Session], delivery_id: str
+) -> tuple[str, str, str | None, str] | None:
+    """Lease one pending delivery for `LEASE_S` seconds; its URL, payload, API key id and kind,
+    or None when another process holds it (or it is no longer pending)."""
     with sessions() as session:
         with unit_of_work(session):
             leased = session.execute(
@@ -139,7 +150,7 @@ def _lease(sessions: sessionmaker[Session], delivery_id: str) -> tuple[str, str,
         with read_only(session):
             row = session.get(CallbackDelivery, delivery_id)
             assert row is not None
-            return row.url, row.payload, row.api_key_id
+            return row.url, row.payload, row.api_key_id, row.kind
 
 
 def _post(
@@ -155,6 +166,29 @@ def _post(
         "webhook-signature": sign(secret, delivery_id, ts, payload),
         "user-agent": "lethe-webhooks/1",
     }
+    return _send(client, url, payload, headers)
+
+
+def _post_opendsr(
+    client: httpx.Client, settings: Settings, url: str, payload: str
+) -> tuple[bool, int | None, str | None]:
+    """POST one OpenDSR status callback signed with the processor key (specification §8.6)."""
+    try:
+        identity = load_identity(settings)
+    except LetheError as exc:
+        return False, None, exc.detail[:500]
+    headers = {
+        "content-type": "application/json",
+        "x-opendsr-processor-domain": identity.domain,
+        "x-opendsr-signature": identity.sign(payload.encode()),
+        "user-agent": "lethe-opendsr/2",
+    }
+    return _send(client, url, payload, headers)
+
+
+def _send(
+    client: httpx.Client, url: str, payload: str, headers: dict[str, str]
+) -> tuple[bool, int | None, str | None]:
     try:
         resp = client.post(url, content=payload, headers=headers)
     except httpx.HTTPError as exc:
@@ -189,6 +223,7 @@ def _record_attempt(
                 row.status = "failed"
             row.next_attempt_at = next_at
         req = session.get(DeletionRequest, row.request_id)
+        kind = "opendsr" if row.kind == "opendsr" else "request"
         data: dict[str, Any] = {
             "delivery_id": row.id,
             "url": row.url,
@@ -203,8 +238,8 @@ def _record_attempt(
             session,
             actor="system",
             action="callback.attempted",
-            subject=f"request:{row.request_id}",
-            request_id=row.request_id,
+            subject=f"{kind}:{row.request_id}",
+            request_id=row.request_id if req is not None else None,
             model=None if req is None else _model_name(session, req.model_id),
             data=data,
         )

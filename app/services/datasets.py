@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from app.db.models import DatasetRow, Sample
 from app.db.types import rfc3339, utcnow
 from app.errors import AlreadyExists, DatasetNotFound, InvalidInput, to_lethe_error
+from app.services import subjects
 from app.services.audit import append_event
 from app.services.common import Page, bulk_insert, decode_cursor, encode_cursor, is_postgres, table_of
 from app.services.transactions import read_only, unit_of_work
@@ -142,6 +143,7 @@ def _index(
     except Exception:
         raise AlreadyExists(f"dataset {name!r} exists") from None
     dataset_id = row.id
+    subject_count = _index_subjects(session, row, ds)
     bulk_insert(
         session,
         table_of(Sample),
@@ -156,9 +158,30 @@ def _index(
         actor=actor,
         action="dataset.registered",
         subject=f"dataset:{name}",
-        data={"kind": kind, "uri": uri, "num_samples": len(ds), "fingerprint": row.fingerprint},
+        data={
+            "kind": kind,
+            "uri": uri,
+            "num_samples": len(ds),
+            "fingerprint": row.fingerprint,
+            "subject_count": subject_count,
+        },
     )
     return row
+
+
+def _index_subjects(session: Session, row: DatasetRow, ds: Dataset) -> int:
+    """Draw the dataset's subject key and store its samples' hashed subjects (if it has any)."""
+    if ds.subjects is None or not any(ds.subjects.tolist()):
+        return 0
+    row.subject_key = subjects.new_subject_key()
+    session.flush()
+    return subjects.index_subjects(session, row.id, row.subject_key, ds.ids.tolist(), ds.subjects)
+
+
+def get_subject(session: Session, name: str, subject_id: str) -> dict[str, Any]:
+    """How many samples, per split, the data subject `subject_id` has in dataset `name`."""
+    with read_only(session):
+        return subjects.subject_counts(session, get_dataset_row(session, name), subject_id)
 
 
 def get_dataset_row(session: Session, name: str) -> DatasetRow:

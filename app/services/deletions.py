@@ -10,14 +10,23 @@ new one. A request naming only forgotten IDs succeeds at once without a job.
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
-from app.db.models import DeletionRequest, IdempotencyKey, Job, JobRequest, ModelRow, RequestSample
+from app.db.models import (
+    DatasetRow,
+    DeletionRequest,
+    DeletionRequestGroup,
+    IdempotencyKey,
+    Job,
+    JobRequest,
+    ModelRow,
+    RequestSample,
+)
 from app.db.types import utcnow
 from app.errors import (
     DuplicateSampleIds,
@@ -31,7 +40,8 @@ from app.errors import (
     TestSplitSamples,
     UnknownSampleIds,
 )
-from app.services import idempotency
+from app.services import deletion_groups, idempotency
+from app.services import subjects as subjects_service
 from app.services.apikeys import Principal
 from app.services.audit import Event, append_event, append_events
 from app.services.callbacks import check_callback_url, enqueue_callback
@@ -66,12 +76,18 @@ CANCELLABLE = frozenset({RequestStatus.ACCEPTED, RequestStatus.QUEUED})
 
 @dataclass(frozen=True)
 class Submitted:
-    """The outcome of a submission: the response and the job to send to the broker, if any."""
+    """The outcome of a submission: the response and the job(s) to send to the broker."""
 
     status_code: int
     body: dict[str, Any]
     enqueue_job_id: str | None
     replayed: bool = False
+    group_job_ids: tuple[str, ...] = ()  # a request naming several models: one job each
+
+    @property
+    def job_ids(self) -> list[str]:
+        """Every new job to send to the broker."""
+        return [self.enqueue_job_id] if self.enqueue_job_id else list(self.group_job_ids)
 
 
 def _get_model(session: Session, name: str) -> ModelRow:
@@ -96,16 +112,20 @@ class _Intake:
 
     model: str
     sample_ids: list[str]
+    subject_ids: list[str]
     subject_ref: str | None
     reason: str | None
     method: str
     method_options: dict[str, Any]
     verify: str
     callback_url: str | None
+    opendsr_request_id: str | None = None
+    models: list[str] | None = None  # several models (or ["*"]): a group
+    group_id: str | None = None
 
     def body(self) -> dict[str, Any]:
         """The request body an Idempotency-Key is bound to."""
-        return {
+        body: dict[str, Any] = {
             "model": self.model,
             "sample_ids": self.sample_ids,
             "subject_ref": self.subject_ref,
@@ -115,6 +135,25 @@ class _Intake:
             "verify": self.verify,
             "callback_url": self.callback_url,
         }
+        if self.subject_ids:  # bodies without subjects keep the hash they always had
+            body["subject_ids"] = self.subject_ids
+        if self.models is not None:
+            body["models"] = self.models
+        return body
+
+    @property
+    def fans_out(self) -> bool:
+        """True when the request names several models (`models`, or `model: "*"`)."""
+        return self.models is not None
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    """The IDs a request forgets: those it named, plus its subjects' training samples."""
+
+    sample_ids: list[str]
+    subjects: subjects_service.Resolution | None
+    summary: dict[str, Any] | None
 
 
 def submit_deletion_request(
@@ -122,8 +161,10 @@ def submit_deletion_request(
     *,
     principal: Principal,
     settings: Settings,
-    model: str,
-    sample_ids: list[str],
+    model: str | None = None,
+    models: list[str] | None = None,
+    sample_ids: list[str] | None = None,
+    subject_ids: list[str] | None = None,
     subject_ref: str | None = None,
     reason: str | None = None,
     method: str | None = None,
@@ -131,11 +172,14 @@ def submit_deletion_request(
     verify: str = VerifyMode.STANDARD,
     callback_url: str | None = None,
     idempotency_key: str | None = None,
+    opendsr_request_id: str | None = None,
 ) -> Submitted:
     """Validate and accept a deletion request (see the module docstring for the rules)."""
     method = method or catalog.DEFAULT_METHOD
     options = catalog.normalise_method_options(method, method_options or {})
-    intake = _Intake(model, sample_ids, subject_ref, reason, method, options, verify, callback_url)
+    selector = _model_selector(model, models)
+    intake = _Intake(model or "", list(sample_ids or []), list(subject_ids or []), subject_ref, reason,
+                     method, options, verify, callback_url, opendsr_request_id, selector)
     # The key's claim is in this unit of work: a request that fails leaves it free for a retry.
     with unit_of_work(session):
         claim: IdempotencyKey | None = None
@@ -149,40 +193,113 @@ def submit_deletion_request(
             )
             if replay is not None:
                 return Submitted(replay.status_code, replay.body, None, replayed=True)
-        _validate(intake, settings)
-        # Validation and the bulk insert run before the model lock: the lock (and, on
-        # PostgreSQL, the audit chain's) is held only for the job join and the final events.
-        m = _get_model(session, intake.model)
-        forgotten = _check_sample_ids(session, m, intake.sample_ids)
-        req = _store_request(session, m, intake, forgotten, principal)
-        accepted = _accepted_event(req, m, intake, forgotten, principal)
-        enqueue: str | None = None
-        if req.status == RequestStatus.SUCCEEDED:
-            _succeed_at_once(session, req, m, accepted, principal)
+        if intake.fans_out:
+            resource, group_jobs = _accept_group(session, intake, principal, settings)
+            enqueue, more = None, tuple(group_jobs)
         else:
-            enqueue = _queue(session, req, m, intake, accepted, principal)
-        resource = request_public(req, m.name)
+            resource, enqueue = accept_in_transaction(session, intake, principal, settings)
+            more = ()
         if claim is not None:
-            idempotency.finish(claim, 202, resource, req.id)
-    return Submitted(202, resource, enqueue)
+            idempotency.finish(claim, 202, resource, str(resource["id"]))
+    return Submitted(202, resource, enqueue, group_job_ids=more)
+
+
+def _model_selector(model: str | None, models: list[str] | None) -> list[str] | None:
+    """None for one model; the model names (or `["*"]`) for a request naming several."""
+    if (model is None) == (models is None):
+        raise InvalidInput("name exactly one of model (a name, or '*') and models", field="model")
+    if models is not None:
+        return list(models)
+    return [deletion_groups.ALL_MODELS] if model == deletion_groups.ALL_MODELS else None
+
+
+def _accept_group(
+    session: Session, intake: _Intake, principal: Principal, settings: Settings
+) -> tuple[dict[str, Any], list[str]]:
+    """One deletion request per model the request reaches, in the caller's transaction, and
+    the group that reports them; the group resource and the new jobs to enqueue."""
+    assert intake.models is not None
+    _validate(intake, settings)
+    if len(intake.models) > deletion_groups.MAX_MODELS:
+        raise InvalidInput(f"at most {deletion_groups.MAX_MODELS} models per request", field="models")
+    targets = deletion_groups.target_models(session, intake.models, intake.sample_ids, intake.subject_ids)
+    group = DeletionRequestGroup(id=new_id("drg"), api_key_id=principal.id, models=intake.models,
+                                 subject_ref=intake.subject_ref, received_at=utcnow())
+    session.add(group)
+    session.flush()
+    jobs: list[str] = []
+    for m in targets:
+        one = dataclasses.replace(intake, model=m.name, models=None, group_id=group.id)
+        _, job_id = accept_in_transaction(session, one, principal, settings)
+        if job_id is not None:
+            jobs.append(job_id)
+    resource = deletion_groups.group_public(session, group)
+    append_event(
+        session,
+        actor=principal.name,
+        action="request.group.accepted",
+        subject=f"group:{group.id}",
+        data={"models": [m.name for m in targets], "request_ids": [r["id"] for r in resource["requests"]],
+              "asked": intake.models, "subject_ref": intake.subject_ref},
+    )
+    return resource, jobs
+
+
+def accept_in_transaction(
+    session: Session, intake: _Intake, principal: Principal, settings: Settings
+) -> tuple[dict[str, Any], str | None]:
+    """Validate, store and queue one request in the caller's transaction: its resource and the
+    id of a new job to send to the broker (None when it joined a queued job or needs none)."""
+    _validate(intake, settings)
+    # Validation and the bulk insert run before the model lock: the lock (and, on
+    # PostgreSQL, the audit chain's) is held only for the job join and the final events.
+    m = _get_model(session, intake.model)
+    resolved = _resolve(session, m, intake, settings)
+    forgotten = _check_sample_ids(session, m, resolved.sample_ids)
+    req = _store_request(session, m, intake, resolved, forgotten, principal)
+    accepted = _accepted_event(req, m, intake, resolved, forgotten, principal)
+    enqueue: str | None = None
+    if req.status == RequestStatus.SUCCEEDED:
+        _succeed_at_once(session, req, m, accepted, principal)
+    else:
+        enqueue = _queue(session, req, m, intake, accepted, principal)
+    return request_public(req, m.name), enqueue
+
+
+def accept_subjects_in_transaction(
+    session: Session,
+    *,
+    principal: Principal,
+    settings: Settings,
+    model: str,
+    subject_ids: list[str],
+    subject_ref: str,
+    reason: str,
+    opendsr_request_id: str,
+) -> tuple[dict[str, Any], str | None]:
+    """A request naming only `subject_ids` with the default method, accepted in the caller's
+    transaction (the OpenDSR door): its resource and the new job to enqueue, if any."""
+    method = catalog.DEFAULT_METHOD
+    intake = _Intake(model, [], subject_ids, subject_ref, reason, method,
+                     catalog.normalise_method_options(method, {}), VerifyMode.STANDARD, None,
+                     opendsr_request_id)
+    return accept_in_transaction(session, intake, principal, settings)
 
 
 def _validate(intake: _Intake, settings: Settings) -> None:
     """Refuse what no database state can make valid: no, too many or repeated IDs, an unknown
     method or verification, a callback URL that is not allowed."""
     sample_ids = intake.sample_ids
-    if not sample_ids:
-        raise InvalidInput("sample_ids must name at least one sample", field="sample_ids")
-    if len(sample_ids) > settings.max_ids_per_request:
-        raise PayloadTooLarge(
-            f"at most {settings.max_ids_per_request} sample IDs per request",
-            limit=settings.max_ids_per_request,
-            count=len(sample_ids),
+    if not sample_ids and not intake.subject_ids:
+        raise InvalidInput(
+            "name at least one sample (sample_ids) or data subject (subject_ids)", field="sample_ids"
         )
+    _check_count(len(sample_ids), settings)
     if len(set(sample_ids)) != len(sample_ids):
         seen: set[str] = set()
         dups = sorted({s for s in sample_ids if s in seen or seen.add(s)})  # type: ignore[func-returns-value]
         raise DuplicateSampleIds(dups)
+    subjects_service.check_subject_ids(intake.subject_ids)
     _check_method(intake.method, intake.method_options)
     if intake.verify not in tuple(VerifyMode):
         raise InvalidInput("verify must be 'standard' or 'retrain'", field="verify")
@@ -190,19 +307,47 @@ def _validate(intake: _Intake, settings: Settings) -> None:
         check_callback_url(intake.callback_url, settings)
 
 
+def _check_count(count: int, settings: Settings) -> None:
+    if count > settings.max_ids_per_request:
+        raise PayloadTooLarge(
+            f"at most {settings.max_ids_per_request} sample IDs per request",
+            limit=settings.max_ids_per_request,
+            count=count,
+        )
+
+
+def _resolve(session: Session, m: ModelRow, intake: _Intake, settings: Settings) -> _Resolved:
+    """The named sample IDs plus the training samples of the named subjects (each once)."""
+    if not intake.subject_ids:
+        return _Resolved(intake.sample_ids, None, None)
+    dataset = session.get(DatasetRow, m.dataset_id)
+    assert dataset is not None
+    resolution = subjects_service.resolve(session, dataset, intake.subject_ids)
+    named = set(intake.sample_ids)
+    extra = [s for s in resolution.sample_ids if s not in named]
+    _check_count(len(intake.sample_ids) + len(extra), settings)
+    return _Resolved(intake.sample_ids + extra, resolution, resolution.summary(intake.sample_ids))
+
+
 def _store_request(
-    session: Session, m: ModelRow, intake: _Intake, forgotten: set[str], principal: Principal
+    session: Session,
+    m: ModelRow,
+    intake: _Intake,
+    resolved: _Resolved,
+    forgotten: set[str],
+    principal: Principal,
 ) -> DeletionRequest:
-    """Insert the request and its IDs; it is `succeeded` at once when every ID was already
-    forgotten, else `accepted`. The returned row stays transient: the response is built from
-    it, and its later changes are written with plain UPDATEs."""
+    """Insert the request, its IDs and its subjects (hashed); it is `succeeded` at once when
+    every ID was already forgotten (or its subjects have no training sample), else `accepted`.
+    The returned row stays transient: the response is built from it, and its later changes are
+    written with plain UPDATEs."""
     now = utcnow()
-    all_forgotten = len(forgotten) == len(intake.sample_ids)
+    all_forgotten = len(forgotten) == len(resolved.sample_ids)
     req = DeletionRequest(
         id=new_id("dr"),
         model_id=m.id,
         status=RequestStatus.SUCCEEDED if all_forgotten else RequestStatus.ACCEPTED,
-        sample_count=len(intake.sample_ids),
+        sample_count=len(resolved.sample_ids),
         already_forgotten_count=len(forgotten),
         subject_ref=intake.subject_ref,
         reason=intake.reason,
@@ -218,6 +363,9 @@ def _store_request(
         received_at=now,
         started_at=now if all_forgotten else None,
         finished_at=now if all_forgotten else None,
+        subjects=resolved.summary,
+        opendsr_request_id=intake.opendsr_request_id,
+        group_id=intake.group_id,
     )
     session.execute(insert(table_of(DeletionRequest)), _columns(req))
     rid = req.id
@@ -225,39 +373,47 @@ def _store_request(
         session,
         table_of(RequestSample),
         ("request_id", "sample_id", "already_forgotten"),
-        ((rid, s, s in forgotten) for s in intake.sample_ids),
+        ((rid, s, s in forgotten) for s in resolved.sample_ids),
     )
+    if resolved.subjects is not None:
+        subjects_service.record_request_subjects(session, rid, resolved.subjects.hashes)
     return req
 
 
 def _accepted_event(
-    req: DeletionRequest, m: ModelRow, intake: _Intake, forgotten: set[str], principal: Principal
+    req: DeletionRequest,
+    m: ModelRow,
+    intake: _Intake,
+    resolved: _Resolved,
+    forgotten: set[str],
+    principal: Principal,
 ) -> Event:
-    """The `request.accepted` audit event (the IDs only as a digest)."""
-    digest = hashlib.sha256("\n".join(sorted(intake.sample_ids)).encode()).hexdigest()
-    return Event(
-        principal.name,
-        "request.accepted",
-        f"request:{req.id}",
-        {
-            "sample_count": len(intake.sample_ids),
-            "already_forgotten_count": len(forgotten),
-            "sample_ids_sha256": digest,
-            "subject_ref": intake.subject_ref,
-            "reason": intake.reason,
-            "method": intake.method,
-            "verify": intake.verify,
-        },
-        m.name,
-        req.id,
-    )
+    """The `request.accepted` audit event (the IDs only as digests, subjects only as counts)."""
+    data: dict[str, Any] = {
+        "sample_count": len(resolved.sample_ids),
+        "already_forgotten_count": len(forgotten),
+        "sample_ids_sha256": subjects_service.digest(resolved.sample_ids),
+        "subject_ref": intake.subject_ref,
+        "reason": intake.reason,
+        "method": intake.method,
+        "verify": intake.verify,
+    }
+    if resolved.summary is not None:
+        data["subjects"] = resolved.summary
+    if intake.opendsr_request_id is not None:
+        data["opendsr_request_id"] = intake.opendsr_request_id
+    return Event(principal.name, "request.accepted", f"request:{req.id}", data, m.name, req.id)
 
 
 def _succeed_at_once(
     session: Session, req: DeletionRequest, m: ModelRow, accepted: Event, principal: Principal
 ) -> None:
-    """Every ID was already forgotten: the request succeeds on the current version, no job."""
-    note = {"result_version": m.latest_version, "note": "every ID was already forgotten"}
+    """Every ID was already forgotten, or the named subjects have no training sample: the
+    request succeeds on the current version, no job; its subjects are tombstoned."""
+    reason = ("the named subjects have no training samples" if req.sample_count == 0
+              else "every ID was already forgotten")
+    note = {"result_version": m.latest_version, "note": reason}
+    subjects_service.tombstone_subjects(session, m.id, [req.id])
     append_events(session, [
         accepted,
         Event(principal.name, "request.succeeded", f"request:{req.id}", note, m.name, req.id),
@@ -441,32 +597,38 @@ def list_deletion_requests(
 def cancel_deletion_request(session: Session, request_id: str, *, actor: str) -> dict[str, Any]:
     """Cancel a request while `accepted` or `queued`; its job is cancelled if left empty."""
     with unit_of_work(session):
-        req, name = _load(session, request_id)
-        job: Job | None = None
-        if req.job_id:
-            job = session.scalar(select(Job).where(Job.id == req.job_id).with_for_update(key_share=True))
-        req, name = _load(session, request_id, lock=True)
-        if req.status not in CANCELLABLE:
-            raise NotCancellable(
-                f"request {request_id} is {req.status}; only accepted or queued requests can be "
-                "cancelled",
-                status_now=req.status,
-            )
-        req.status, req.finished_at = RequestStatus.CANCELLED, utcnow()
-        session.flush()
-        append_event(
-            session,
-            actor=actor,
-            action="request.cancelled",
-            subject=f"request:{req.id}",
-            model=name,
-            request_id=req.id,
-            data={"job_id": req.job_id},
-        )
-        enqueue_callback(session, req, name)
-        if job is not None and job.status == JobStatus.QUEUED:
-            _cancel_if_empty(session, job, req.model_id, actor=actor)
+        cancel_in_transaction_request(session, request_id, actor=actor)
     return get_deletion_request(session, request_id)
+
+
+def cancel_in_transaction_request(session: Session, request_id: str, *, actor: str) -> None:
+    """`cancel_deletion_request` in the caller's transaction (409 `not_cancellable` when the
+    request no longer waits)."""
+    req, name = _load(session, request_id)
+    job: Job | None = None
+    if req.job_id:
+        job = session.scalar(select(Job).where(Job.id == req.job_id).with_for_update(key_share=True))
+    req, name = _load(session, request_id, lock=True)
+    if req.status not in CANCELLABLE:
+        raise NotCancellable(
+            f"request {request_id} is {req.status}; only accepted or queued requests can be "
+            "cancelled",
+            status_now=req.status,
+        )
+    req.status, req.finished_at = RequestStatus.CANCELLED, utcnow()
+    session.flush()
+    append_event(
+        session,
+        actor=actor,
+        action="request.cancelled",
+        subject=f"request:{req.id}",
+        model=name,
+        request_id=req.id,
+        data={"job_id": req.job_id},
+    )
+    enqueue_callback(session, req, name)
+    if job is not None and job.status == JobStatus.QUEUED:
+        _cancel_if_empty(session, job, req.model_id, actor=actor)
 
 
 def _cancel_if_empty(session: Session, job: Job, model_id: int, *, actor: str) -> None:

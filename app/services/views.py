@@ -30,6 +30,7 @@ def request_public(req: DeletionRequest, model_name: str) -> dict[str, Any]:
         "verdict": req.verdict,
         "metrics": req.metrics,
         "error": req.error,
+        "subjects": req.subjects,
         "received_at": rfc3339(req.received_at),
         "started_at": rfc3339(req.started_at),
         "finished_at": rfc3339(req.finished_at),

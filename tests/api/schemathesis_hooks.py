@@ -3,11 +3,13 @@ through `SCHEMATHESIS_HOOKS`.
 
 `positive_data_acceptance` fails any schema-valid request answered 4xx (other than 401, 403,
 404, 409). A few refusals depend on the state of the world, which no schema can state: a
-sample ID the dataset does not hold, a file that is not a safetensors checkpoint, a dataset
-file that cannot be read, a cursor the server never issued. `stateful_positive_data_acceptance`
-is that check with exactly these refusals let through, each identified by its problem `code`
-(and, where a code is broad, its field or error type), each declared in the document. Every
-other refusal of a schema-valid request still fails the run.
+sample ID the dataset does not hold, subjects named for a dataset that maps none, a file that
+is not a safetensors checkpoint, a dataset file that cannot be read, a cursor the server never
+issued, an OpenDSR request type or identity the processor's discovery does not list.
+`stateful_positive_data_acceptance` is that check with exactly these refusals let through,
+each identified by its problem `code` (and, where a code is broad, its field or error type),
+each declared in the document. Every other refusal of a schema-valid request still fails the
+run.
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ from schemathesis.specs.openapi.checks import _openapi_positive_data_acceptance
 
 #: (method, path template) -> problem codes whose refusal depends on stored data.
 STATE_DEPENDENT: dict[tuple[str, str], frozenset[str]] = {
-    # The IDs must be training samples of the model's dataset.
-    ("POST", "/v1/deletion-requests"): frozenset({"unknown_sample_ids", "test_split_samples"}),
+    # The IDs must be training samples of the model's dataset; subjects need a dataset that
+    # says whose its samples are.
+    ("POST", "/v1/deletion-requests"): frozenset(
+        {"unknown_sample_ids", "test_split_samples", "dataset_without_subjects"}
+    ),
     # The `uri` (and `options`) must name data the adapter can read.
     ("POST", "/v1/datasets"): frozenset({"invalid_input"}),
     # The file must be a safetensors checkpoint of the architecture's shapes; a `timm:` or
@@ -43,6 +48,11 @@ def state_dependent(method: str, path: str, status: int, problem: dict[str, Any]
     code = problem.get("code")
     if status == 400 and code == "invalid_cursor":
         return True  # only cursors the server issued are valid; the schema says so
+    if status == 400 and (method, path) == ("POST", "/opendsr/v2/requests"):
+        # OpenDSR: every request type and identity of the protocol is schema-valid; which ones
+        # a processor fulfils is what its discovery document publishes, answered with the
+        # protocol's error when the request asks for another.
+        return code in {"unsupported_request_type", "unsupported_identity"}
     if status != 422:
         return False
     if code in STATE_DEPENDENT.get((method, path), frozenset()):

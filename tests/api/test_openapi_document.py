@@ -80,8 +80,9 @@ def test_errors_are_declared_as_problem_json_only(document: dict[str, Any]) -> N
     assert seen > 100
 
 
-#: `/v1` operations anyone may call: a receipt's holder checks it with these public keys.
-PUBLIC_V1 = {("GET", "/v1/receipts/keys")}
+#: API operations anyone may call: a receipt's holder checks it with these public keys, and
+#: an OpenDSR controller checks signatures with the processor certificate.
+PUBLIC_V1 = {("GET", "/v1/receipts/keys"), ("GET", "/opendsr/v2/cert.pem")}
 
 
 def test_every_v1_operation_declares_bearer_auth(document: dict[str, Any]) -> None:
@@ -92,7 +93,7 @@ def test_every_v1_operation_declares_bearer_auth(document: dict[str, Any]) -> No
     }
     for method, path, op in _operations(document):
         declared = op.get("security")
-        if path.startswith("/v1/") and (method, path) not in PUBLIC_V1:
+        if path.startswith(("/v1/", "/opendsr/")) and (method, path) not in PUBLIC_V1:
             assert declared == [{"HTTPBearer": []}], (method, path)
             assert {"401", "403"} <= set(op["responses"]), (method, path)
         else:

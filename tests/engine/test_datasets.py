@@ -155,6 +155,29 @@ def test_split_names_match_the_service_vocabulary():
     assert {s.value for s in Split} == {TRAIN, TEST, CALIBRATION, AUDIT}
 
 
+def test_mnist5k_has_demo_subjects_of_ten_consecutive_samples(mnist):
+    assert mnist.subjects is not None
+    assert mnist.subjects[:11].tolist() == ["demo-subject-000"] * 10 + ["demo-subject-001"]
+    assert mnist.subjects[4999] == "demo-subject-499" and len(set(mnist.subjects.tolist())) == 500
+    off = load_dataset(DatasetSpec("mnist5k", options={"subject_group": 0}))
+    assert off.subjects is None
+    assert off.fingerprint() == mnist.fingerprint()  # subjects do not change the index
+
+
+def test_npz_subjects_and_synthetic_groups(tmp_path):
+    path = tmp_path / "d.npz"
+    ids = np.asarray([f"x{i}" for i in range(6)])
+    subjects = np.asarray(["ann", "ann", "", "bo", "bo", "bo"])
+    np.savez(path, x=np.zeros((6, 4, 4), np.uint8), y=np.arange(6) % 2, ids=ids, subjects=subjects)
+    named = load_dataset(DatasetSpec("npz", str(path)))
+    assert named.subjects is not None and named.subjects.tolist() == subjects.tolist()
+    np.savez(path, x=np.zeros((6, 4, 4), np.uint8), y=np.arange(6) % 2, ids=ids)
+    assert load_dataset(DatasetSpec("npz", str(path))).subjects is None
+    grouped = load_dataset(DatasetSpec("npz", str(path), {"subject_group": 4, "subject_prefix": "p"}))
+    assert grouped.subjects is not None and grouped.subjects.tolist() == ["p-000"] * 4 + ["p-001"] * 2
+    np.savez(path, x=np.zeros((6, 4, 4), np.uint8), y=np.arange(6) % 2, ids=ids, subjects=subjects[:5])
+    with pytest.raises(InvalidInput, match="one entry per sample"):
+        load_dataset(DatasetSpec("npz", str(path)))
 
 def test_heldout_sizes_from_label_counts_match_the_partition(tmp_path) -> None:
     """The service shows `calibration`/`audit` sizes from its index's per-label test counts

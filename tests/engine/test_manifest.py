@@ -52,6 +52,7 @@ def test_csv_and_parquet_manifests_index_the_same_samples_without_reading_images
     assert ds.split_sizes() == {"train": 48, "test": 16}
     assert ds.files is not None and ds.files.subject_ids is not None
     assert ds.files.subject_ids[4] == "subject-1"
+    assert ds.subjects is not None and ds.subjects.tolist() == ds.files.subject_ids.tolist()
     rows = _rows(folder)
     table = pa.table({k: [r[k] for r in rows] for k in ("sample_id", "path", "split")}
                      | {"label": pa.array([int(r["label"]) for r in rows], pa.int64())})

@@ -35,6 +35,8 @@ from app.services.jobs.queries import (
     version_path,
     waits_for_earlier_job,
 )
+from app.services.opendsr_status import on_request_change
+from app.services.subjects import tombstoned_subject_samples
 from app.services.transactions import unit_of_work
 from app.vocab import FINAL_JOB_STATUSES, JobKind, JobPhase, JobStatus, ReferenceStatus, RequestStatus
 from models_store import Store
@@ -239,7 +241,11 @@ def _start(session: Session, claim: _Claim, store: Store) -> JobTicket | None:
     for req in claim.requests:
         req.status = RequestStatus.RUNNING
         req.started_at = req.started_at or claim.now
-    forgotten = sorted(set(tombstoned(session, model.id)) | set(forget_ids))
+    for opendsr_id in sorted({r.opendsr_request_id for r in claim.requests if r.opendsr_request_id}):
+        on_request_change(session, opendsr_id)
+    # Samples of forgotten subjects never come back through recovery either.
+    gone_subjects = tombstoned_subject_samples(session, model.id, model.dataset_id)
+    forgotten = sorted(set(tombstoned(session, model.id)) | set(forget_ids) | set(gone_subjects))
     reference_job_moved(session, job)
     append_event(
         session,

@@ -27,6 +27,7 @@ from app.services.jobs.queries import (
     published_files,
     reference_row,
 )
+from app.services.subjects import tombstone_subjects
 from app.services.transactions import unit_of_work
 from app.vocab import FINAL_JOB_STATUSES, JobKind, JobPhase, JobStatus, ModelStatus, RequestStatus
 from models_store import Store
@@ -44,8 +45,11 @@ def finish_requests(
     result_version: int | None = None,
 ) -> None:
     """Give `requests` their final `status` with the job's verdict and metrics, each with its
-    audit event and queued callback (in the caller's transaction)."""
+    audit event and queued callback (in the caller's transaction); on success the subjects
+    they named are tombstoned for the model's lineage."""
     now = utcnow()
+    if status == RequestStatus.SUCCEEDED:
+        tombstone_subjects(session, model.id, [r.id for r in requests])
     for req in requests:
         req.status = status
         req.finished_at = now

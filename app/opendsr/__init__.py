@@ -1,0 +1,1 @@
+"""The OpenDSR processor interface's own parts: the processor's signing identity."""
