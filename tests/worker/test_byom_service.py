@@ -31,6 +31,7 @@ from sqlalchemy import select
 
 from app.db.models import DatasetRow, Job, ModelRow
 from app.main import create_app
+from app.services import jobs as job_service
 from engine.checkpoint import load_model
 from engine.datasets import DatasetSpec
 from engine.jobs import ModelSpec, cached_dataset, device_data
@@ -134,6 +135,10 @@ def test_a_library_model_goes_through_the_service_and_back_into_user_code(
     assert model["status"] == "importing" and model["latest_version"] is None
     assert model["description"] == {"input_size": list(SIZE)}
     assert api.get(f"/v1/jobs/{job_id}").json()["kind"] == "import"
+    # A deletion request sent while the model imports queues behind the import job.
+    forget = [sid for sid, _, _ in train[:4]]
+    sub = api.post("/v1/deletion-requests", json={"model": "pets-net", "sample_ids": forget})
+    assert sub.status_code == 202, sub.text
 
     assert _work(dep, job_id) == "succeeded", api.get(f"/v1/jobs/{job_id}").json()["error"]
     job = api.get(f"/v1/jobs/{job_id}").json()
@@ -147,9 +152,6 @@ def test_a_library_model_goes_through_the_service_and_back_into_user_code(
     assert v1["method"] == "import" and v1["metrics"]["acc_test"] == job["metrics"]["acc_test"]
     assert len(_stored_files(dep, "pets-net")) == 2  # v1 and its manifest; the upload is gone
 
-    forget = [sid for sid, _, _ in train[:4]]
-    sub = api.post("/v1/deletion-requests", json={"model": "pets-net", "sample_ids": forget})
-    assert sub.status_code == 202, sub.text
     unlearn_job = sub.json()["job_id"]
     assert _work(dep, unlearn_job) == "succeeded", api.get(f"/v1/jobs/{unlearn_job}").json()["error"]
     request = api.get(f"/v1/deletion-requests/{sub.json()['id']}").json()
@@ -355,3 +357,24 @@ def test_cancelling_a_queued_import_fails_the_registration_and_removes_the_uploa
     assert model["status"] == "failed" and model["error"]["code"] == "cancelled"
     assert _stored_files(sqlite_deployment, "m") == []
     assert _work(sqlite_deployment, job_id) == "skipped"
+
+
+def test_a_re_attempted_import_keeps_its_upload_and_publishes(
+    images: Path, sqlite_deployment: Any, api: TestClient, tmp_path: Path
+) -> None:
+    """An import whose worker died is claimed again; the re-attempt's store cleaning keeps
+    the pending upload (its job still runs), and the store ends with version 1's files only."""
+    dep = sqlite_deployment
+    assert _register_dataset(api, images).status_code == 201
+    path = tmp_path / "w.safetensors"
+    save_file({"module." + k: v for k, v in timm_user_model().state_dict().items()}, str(path))
+    job_id = _upload(api, "m", "timm:test_resnet", path.read_bytes(), input_size=list(SIZE)).json()["job_id"]
+    with dep.sessions() as s:
+        assert job_service.claim_job(s, job_id, "w-dead", store=dep.store, heartbeat_timeout_s=30.0)
+    settings = dep.settings.model_copy(update={"heartbeat_timeout_s": 0.0})  # w-dead is dead
+    run = run_job(job_id, worker="w2", settings=settings, sessions=dep.sessions, store=dep.store)
+    job = api.get(f"/v1/jobs/{job_id}").json()
+    assert run.outcome == "succeeded" and job["attempts"] == 2, job["error"]
+    v1 = api.get("/v1/models/m/versions/1").json()
+    on_disk = [p.name for p in _stored_files(dep, "m")]
+    assert len(on_disk) == 2 and f"{v1['sha256']}.safetensors" in on_disk
