@@ -2,12 +2,14 @@
 
 The real app (`create_app`) is driven in-process over schemathesis' ASGI transport, once on
 SQLite and once on PostgreSQL, with an admin key, a registered dataset `tiny`, an uploaded
-model `m` (v1 and a published v2), a finished and a queued deletion request, so that cases
+model `m` (v1 and a published v2), a finished and a queued deletion request, a request group,
+and a pending OpenDSR erasure (for model `s`, on a dataset with subjects), so that cases
 reach the services and not only 404. Every operation gets positive and negative cases
 (Hypothesis, derandomized: the same cases on every run) for each of its body media types;
 negative cases include a missing or mangled `Authorization` (the Bearer scheme is in the
 document). Three cases in four are then steered onto resources that exist: real names, IDs,
-sample IDs, a valid upload `metadata` and checkpoint, byte ranges and ETags for the download.
+sample IDs, a valid upload `metadata` and checkpoint, an OpenDSR erasure, byte ranges and
+ETags for the download.
 Every response must not be a 5xx and must match the document: a declared status code, a
 declared content type, the declared body schema and the declared headers.
 """
@@ -18,11 +20,14 @@ import hashlib
 import json
 import os
 import time
+import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, seed, settings
@@ -37,7 +42,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from app.main import create_app
-from app.services import jobs
+from app.services import datasets, jobs, opendsr
 
 CHECKS = [
     not_a_server_error,
@@ -66,6 +71,8 @@ class Known:
     test_ids: list[str]
     request_ids: list[str]
     job_ids: list[str]
+    group_ids: list[str]
+    subject_request_ids: list[str]
     checkpoint: bytes
     etags: list[str]
     dataset_uri: str
@@ -82,7 +89,7 @@ class Target:
 
 
 @pytest.fixture
-def target(deployment: Any, make_checkpoint: Any) -> Iterator[Target]:
+def target(deployment: Any, make_checkpoint: Any, tmp_path: Path) -> Iterator[Target]:
     deployment.upload_model("m")
     train, test = deployment.ids()
     done = deployment.submit("m", train[:3])
@@ -92,11 +99,27 @@ def target(deployment: Any, make_checkpoint: Any) -> Iterator[Target]:
     deployment.complete(ticket.job_id, make_checkpoint(seed=1), metrics={"acc_test": 0.9, "acc_forget": 0.1},
                         teacher_seed=ticket.teacher_seed)
     queued = deployment.submit("m", train[3:6], subject_ref="dsr-1")
+    group = deployment.submit(None, train[6:8], models=["m"])
+    # Model `s` on a copy of the dataset whose first training samples belong to subject
+    # `cust-1`: OpenDSR erasures for `cust-1` fan out to it and stay pending (cancellable).
+    data = dict(np.load(deployment.dataset_path))
+    data["subjects"] = np.asarray(["cust-1" if str(i) in train[:4] else "" for i in data["ids"]])
+    np.savez(tmp_path / "subj.npz", **data)
+    with deployment.sessions() as s:
+        datasets.register_dataset(s, name="subj", kind="npz", uri=str(tmp_path / "subj.npz"), actor="fuzz")
+    deployment.dataset = "subj"
+    deployment.upload_model("s")
+    erasure = _erasure(str(uuid.uuid4()))
+    with deployment.sessions() as s:
+        opendsr.submit_erasure(s, opendsr.Erasure(**erasure), json.dumps(erasure).encode(),
+                               principal=deployment.principal, settings=deployment.settings)
     known = Known(
         train_ids=train,
         test_ids=test,
         request_ids=[done.body["id"], queued.body["id"]],
         job_ids=[ticket.job_id, queued.enqueue_job_id],
+        group_ids=[group.body["id"]],
+        subject_request_ids=[erasure["subject_request_id"]],
         checkpoint=make_checkpoint(seed=2),
         etags=[f'"{hashlib.sha256(make_checkpoint(seed=seed)).hexdigest()}"' for seed in (0, 1)],
         dataset_uri=str(deployment.dataset_path),
@@ -109,6 +132,21 @@ def target(deployment: Any, make_checkpoint: Any) -> Iterator[Target]:
         from schemathesis.python import asgi
 
         asgi.shutdown_lifespans()  # runs the app's lifespan shutdown: disposes its engine
+
+
+def _erasure(subject_request_id: str) -> dict[str, Any]:
+    """An OpenDSR erasure for subject `cust-1`, in the fields of `opendsr.Erasure`."""
+    return {
+        "subject_request_id": subject_request_id,
+        "subject_request_type": "erasure",
+        "regulation": "gdpr",
+        "submitted_time": "2026-10-02T15:00:00+00:00",
+        "subject_identities": [
+            {"identity_type": "controller_customer_id", "identity_value": "cust-1", "identity_format": "raw"}
+        ],
+        "status_callback_urls": [],
+        "extensions": {},
+    }
 
 
 def _often(data: Any) -> bool:
@@ -128,6 +166,8 @@ def _steer(case: Any, data: Any, known: Known) -> None:
         choices = {
             "request_id": known.request_ids,
             "job_id": known.job_ids,
+            "group_id": known.group_ids,
+            "subject_request_id": known.subject_request_ids,
             "name": ["tiny"] if path.startswith("/v1/datasets") else ["m", "t0"],
             "n": ["1", "2", "latest", "3"],
         }.get(key, [])
@@ -159,6 +199,10 @@ def _steer(case: Any, data: Any, known: Known) -> None:
             method_options={},
         )
         body.pop("callback_url", None)
+    elif label == "POST /opendsr/v2/requests":
+        # A fresh ID (one drawn by Hypothesis, so runs repeat) or one already taken (409).
+        fresh = str(uuid.UUID(int=data.draw(st.integers(0, 2**122 - 1)), version=4))
+        body.update(_erasure(data.draw(st.sampled_from([fresh, *known.subject_request_ids]))))
     elif label == "POST /v1/datasets":
         body.update(kind="npz", uri=known.dataset_uri, options={})
     elif label == "POST /v1/models" and case.media_type == "multipart/form-data":
