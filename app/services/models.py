@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.db.models import DatasetRow, DeletionRequest, ModelRow, ModelVersion
+from app.db.models import DatasetRow, DeletionRequest, Job, ModelRow, ModelVersion
 from app.db.types import rfc3339, utcnow
 from app.errors import (
     AlreadyExists,
@@ -38,7 +38,7 @@ from app.services.policy import merge_policy
 from app.services.references import schedule_references
 from app.services.transactions import read_only, unit_of_work
 from app.settings import Settings
-from app.vocab import OPEN_REQUEST_STATUSES, JobKind, ModelStatus
+from app.vocab import ACTIVE_JOB_STATUSES, OPEN_REQUEST_STATUSES, JobKind, ModelStatus
 from engine import errors as engine_errors
 from engine.arch_shapes import ARCHITECTURES, param_shapes
 from engine.model_desc import check_library_name
@@ -106,7 +106,9 @@ def _check_classes(ds: DatasetRow, num_classes: int) -> None:
 
 
 def _check_name_free(session: Session, name: str) -> None:
-    if session.scalar(select(ModelRow.id).where(ModelRow.name == name)) is not None:
+    """409 unless the name is new or its registration failed (`_add_model` takes it over)."""
+    status = session.scalar(select(ModelRow.status).where(ModelRow.name == name))
+    if status is not None and status != ModelStatus.FAILED:
         raise AlreadyExists(f"model {name!r} exists")
 
 
@@ -226,7 +228,7 @@ def register_model_train(
             recipe=recipe,
             policy=policy,
         )
-        _add_model(session, model)
+        model = _add_model(session, model)
         _record_registration(session, actor=principal.name, model=model, dataset=dataset, init="train")
         job = create_job(session, model, kind=JobKind.TRAIN, method="train", actor=principal.name)
         ref_id = schedule_references(session, model, settings=settings, actor=principal.name)
@@ -236,14 +238,56 @@ def register_model_train(
     return Registered(body, job.id, ref_id)
 
 
-def _add_model(session: Session, model: ModelRow) -> None:
-    """Insert the model row; a name taken meanwhile is `AlreadyExists`."""
+#: What a registration sets on its model row; a registration under the name of a failed one
+#: sets these on the failed row (`_take_over_failed`).
+_REGISTRATION_FIELDS = ("dataset_id", "architecture", "num_classes", "in_channels", "recipe", "policy",
+                        "latest_version", "forgotten_count", "created_at", "status", "description")
+
+
+def _add_model(session: Session, model: ModelRow) -> ModelRow:
+    """Insert the model row, or take over the row of a failed registration of the same name;
+    returns the row the registration continues with. A name taken meanwhile is `AlreadyExists`."""
     name = model.name
+    failed = session.scalar(
+        select(ModelRow.id).where(ModelRow.name == name, ModelRow.status == ModelStatus.FAILED)
+    )
+    if failed is not None:
+        return _take_over_failed(session, failed, model)
     session.add(model)
     try:
         session.flush()
     except IntegrityError:
         raise AlreadyExists(f"model {name!r} exists") from None
+    return model
+
+
+def _take_over_failed(session: Session, model_id: int, model: ModelRow) -> ModelRow:
+    """Register `model` on the row of a registration that failed (its import never published
+    a version): the name, the failed import job and its audit events stay the model's
+    history, and the new registration's fields replace the old ones. One conditional UPDATE,
+    so of two registrations racing for the name one wins and the other is `AlreadyExists`;
+    a failed model whose jobs are still stopping (its reference job, running when the
+    import failed) is `AlreadyExists` until they have."""
+    stopping = session.scalar(
+        select(func.count()).select_from(Job)
+        .where(Job.model_id == model_id, Job.status.in_(ACTIVE_JOB_STATUSES))
+    )
+    if stopping:
+        raise AlreadyExists(f"model {model.name!r} failed to register and its jobs are still stopping; "
+                            "retry in a moment")
+    values = {field: getattr(model, field) for field in _REGISTRATION_FIELDS}
+    taken = session.execute(
+        update(ModelRow)
+        .where(ModelRow.id == model_id, ModelRow.status == ModelStatus.FAILED)
+        .values(**values, error=None)
+        .execution_options(synchronize_session=False)
+    )
+    if taken.rowcount != 1:  # type: ignore[attr-defined]
+        raise AlreadyExists(f"model {model.name!r} exists")
+    row = session.get(ModelRow, model_id)
+    assert row is not None
+    session.refresh(row)
+    return row
 
 
 def register_model_upload(
@@ -286,7 +330,7 @@ def register_model_upload(
             recipe=recipe,
             policy=merged,
         )
-        _add_model(session, model)
+        model = _add_model(session, model)
         _add_uploaded_version(session, store, model, stored)
         _record_registration(session, actor=principal.name, model=model, dataset=dataset, init="upload")
         append_event(
@@ -364,7 +408,7 @@ def register_model_import(
             num_classes=num_classes, recipe=recipe, policy=merged,
             status=ModelStatus.IMPORTING, description=given,
         )
-        _add_model(session, model)
+        model = _add_model(session, model)
         _record_registration(session, actor=principal.name, model=model, dataset=dataset, init="import")
         job = create_job(session, model, kind=JobKind.IMPORT, method="import", actor=principal.name,
                          method_options=_upload_options(store, stored))

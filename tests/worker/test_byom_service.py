@@ -27,7 +27,7 @@ from byom_user import (
 from fastapi.testclient import TestClient
 from image_folder import write_image_folder
 from safetensors.torch import load, save_file
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from app.db.models import DatasetRow, Job, ModelRow
 from app.main import create_app
@@ -321,6 +321,64 @@ def test_a_failed_import_publishes_nothing_and_fails_the_registration(
     assert "model.registration_failed" in actions and "model.version.published" not in actions
 
 
+def test_a_failed_registration_frees_its_name_for_a_corrected_upload(
+    images: Path, on_both: tuple[Any, TestClient], tmp_path: Path
+) -> None:
+    """The corrected checkpoint registers under the failed one's name, on the same model: the
+    failed import stays in its history; a name whose model is not failed stays taken."""
+    dep, api = on_both
+    assert _register_dataset(api, images).status_code == 201
+    bad, good = tmp_path / "bad.safetensors", tmp_path / "good.safetensors"
+    _mismatched_checkpoint(bad)
+    save_file(timm_user_model().state_dict(), str(good))
+    first = _upload(api, "m", "timm:test_resnet", bad.read_bytes(), input_size=list(SIZE)).json()
+    assert _work(dep, first["job_id"]) == "failed"
+    failed = api.get("/v1/models/m").json()
+    assert failed["status"] == "failed"
+
+    again = _upload(api, "m", "timm:test_resnet", good.read_bytes(), input_size=list(SIZE))
+    assert again.status_code == 202, again.text
+    model = again.json()
+    assert model["status"] == "importing" and model["error"] is None and model["job_id"] != first["job_id"]
+    _problem(_upload(api, "m", "timm:test_resnet", good.read_bytes()), 409, "already_exists")
+    assert _work(dep, model["job_id"]) == "succeeded"
+    ready = api.get("/v1/models/m").json()
+    assert ready["status"] == "ready" and ready["latest_version"] == 1 and ready["error"] is None
+    _problem(_upload(api, "m", "timm:test_resnet", good.read_bytes()), 409, "already_exists")
+    with dep.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(ModelRow)) == 1
+        assert [(j.kind, j.status) for j in s.scalars(select(Job).order_by(Job.position))] == [
+            ("import", "failed"), ("import", "succeeded")]
+    actions = [e["action"] for e in api.get("/v1/audit", params={"model": "m"}).json()["items"]]
+    assert sorted(a for a in actions if a.startswith("model.")) == [
+        "model.registered", "model.registered", "model.registration_failed", "model.version.published"]
+
+
+def test_a_failed_name_waits_for_its_stopping_reference_job(
+    images: Path, deployment_factory: Any, tmp_path: Path
+) -> None:
+    dep = deployment_factory(tmp_path, None, references=True, reference_k=2)
+    try:
+        for api in _client(dep):
+            assert _register_dataset(api, images).status_code == 201
+            path = tmp_path / "w.safetensors"
+            _mismatched_checkpoint(path)
+            resp = _upload(api, "m", "timm:test_resnet", path.read_bytes(), input_size=list(SIZE)).json()
+            ref_job = api.get("/v1/models/m/references").json()["job_id"]
+            with dep.sessions() as s:  # the reference job runs when the import fails
+                assert job_service.claim_job(s, ref_job, "w-ref", store=dep.store, heartbeat_timeout_s=60)
+            assert _work(dep, resp["job_id"]) == "failed"
+            assert api.get(f"/v1/jobs/{ref_job}").json()["cancel_requested"] is True
+            save_file(timm_user_model().state_dict(), str(path))
+            body = _problem(_upload(api, "m", "timm:test_resnet", path.read_bytes()), 409, "already_exists")
+            assert "still stopping" in body["detail"]
+            with dep.sessions() as s:
+                job_service.mark_cancelled(s, ref_job, actor="worker:w-ref")  # its worker stops
+            assert _upload(api, "m", "timm:test_resnet", path.read_bytes()).status_code == 202
+    finally:
+        dep.engine.dispose()
+
+
 def test_a_failed_import_cancels_the_reference_job_its_registration_queued(
     images: Path, deployment_factory: Any, tmp_path: Path
 ) -> None:
@@ -357,6 +415,33 @@ def test_cancelling_a_queued_import_fails_the_registration_and_removes_the_uploa
     assert model["status"] == "failed" and model["error"]["code"] == "cancelled"
     assert _stored_files(sqlite_deployment, "m") == []
     assert _work(sqlite_deployment, job_id) == "skipped"
+
+
+@pytest.mark.parametrize("cancelled", [False, True])
+def test_an_import_whose_workers_were_lost_removes_its_upload(
+    cancelled: bool, images: Path, sqlite_deployment: Any, api: TestClient, tmp_path: Path
+) -> None:
+    """The sweeper's claim ends an import whose worker was lost (after too many attempts, or
+    after a cancellation its worker never saw): no worker is left to remove the upload, so
+    the ending does."""
+    dep = sqlite_deployment
+    assert _register_dataset(api, images).status_code == 201
+    path = tmp_path / "w.safetensors"
+    save_file(timm_user_model().state_dict(), str(path))
+    job_id = _upload(api, "m", "timm:test_resnet", path.read_bytes()).json()["job_id"]
+    with dep.sessions() as s:
+        assert job_service.claim_job(s, job_id, "w-dead", store=dep.store, heartbeat_timeout_s=30.0)
+    if cancelled:
+        assert api.post(f"/v1/jobs/{job_id}/cancel").json()["cancel_requested"] is True
+    assert len(_stored_files(dep, "m")) == 2  # still pending: the job runs, as far as anyone knows
+    with dep.sessions() as s:  # w-dead's heartbeat is now older than the timeout
+        assert job_service.claim_job(s, job_id, "w2", store=dep.store, heartbeat_timeout_s=0.0,
+                                     max_attempts=1) is None
+    job = api.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == ("cancelled" if cancelled else "failed")
+    assert cancelled or job["error"]["code"] == "too_many_attempts"
+    assert api.get("/v1/models/m").json()["status"] == "failed"
+    assert _stored_files(dep, "m") == []
 
 
 def test_a_re_attempted_import_keeps_its_upload_and_publishes(

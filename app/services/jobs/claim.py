@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from app.db.models import DatasetRow, DeletionRequest, Job, ModelRow
 from app.db.types import utcnow
 from app.services.audit import append_event
-from app.services.jobs.endings import fail_job, finish_requests, mark_cancelled
+from app.services.jobs.endings import discard_upload, fail_job, finish_requests, mark_cancelled
 from app.services.jobs.lifecycle import reference_job_moved
 from app.services.jobs.queries import (
     load_job,
@@ -114,7 +114,7 @@ def claim_job(
     now = utcnow()
     cutoff = now - timedelta(seconds=heartbeat_timeout_s)
     with unit_of_work(session):
-        ended = _unclaimable(session, job_id, cutoff=cutoff, max_attempts=max_attempts)
+        ended = _unclaimable(session, job_id, cutoff=cutoff, max_attempts=max_attempts, store=store)
         claim = None if ended else _take(session, job_id, worker, now=now, cutoff=cutoff)
         refused = _refusal(claim) if claim else None
         ticket = _start(session, claim, store) if claim and not refused else None
@@ -125,11 +125,12 @@ def claim_job(
 
 
 def _unclaimable(
-    session: Session, job_id: str, *, cutoff: datetime, max_attempts: int
+    session: Session, job_id: str, *, cutoff: datetime, max_attempts: int, store: Store
 ) -> AfterClaim | None:
     """None when the job may be claimed; else what ends it: nothing for a job that is gone
     or final; for a run whose worker was lost, its cancellation (it was asked to stop) or its
-    failure (`max_attempts` runs were lost)."""
+    failure (`max_attempts` runs were lost). The worker that would have removed a lost
+    import's pending upload is gone, so that ending removes it."""
     current = session.get(Job, job_id)
     if current is None or current.status in FINAL_JOB_STATUSES:
         return _nothing
@@ -138,14 +139,26 @@ def _unclaimable(
         and current.heartbeat_at is not None
         and current.heartbeat_at < cutoff
     )
+    end: AfterClaim | None = None
     if abandoned and current.cancel_requested:
-        return functools.partial(mark_cancelled, job_id=job_id, actor="sweeper")
-    if abandoned and current.attempts >= max_attempts:
+        end = functools.partial(mark_cancelled, job_id=job_id, actor="sweeper")
+    elif abandoned and current.attempts >= max_attempts:
         error = f"the job's worker was lost {current.attempts} times"
-        return functools.partial(
+        end = functools.partial(
             fail_job, job_id=job_id, error=error, code="too_many_attempts", actor="sweeper"
         )
-    return None
+    if end is not None and current.kind == JobKind.IMPORT:
+        upload = (load_model(session, current.model_id).name, dict(current.method_options or {}))
+        return functools.partial(_end_import, end=end, store=store, upload=upload)
+    return end
+
+
+def _end_import(
+    session: Session, *, end: AfterClaim, store: Store, upload: tuple[str, dict[str, Any]]
+) -> None:
+    """End a lost import job (`end`), then remove its pending upload from `store`."""
+    end(session)
+    discard_upload(session, store, *upload)
 
 
 def _nothing(session: Session) -> None:
