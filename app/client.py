@@ -138,6 +138,7 @@ class DeletionRequest(TypedDict, total=False):
     metrics: dict[str, Any] | None
     error: dict[str, Any] | None
     subjects: dict[str, Any] | None
+    group_id: str | None
     received_at: str
     started_at: str | None
     finished_at: str | None

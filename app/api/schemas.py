@@ -247,6 +247,8 @@ class DeletionRequestPublic(_Open):
     metrics: dict[str, Any] | None
     error: dict[str, Any] | None
     subjects: SubjectResolution | None = None
+    #: The group of a request that named several models (`/v1/deletion-request-groups/{id}`).
+    group_id: str | None = None
     received_at: str
     started_at: str | None
     finished_at: str | None

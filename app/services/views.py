@@ -31,6 +31,7 @@ def request_public(req: DeletionRequest, model_name: str) -> dict[str, Any]:
         "metrics": req.metrics,
         "error": req.error,
         "subjects": req.subjects,
+        "group_id": req.group_id,
         "received_at": rfc3339(req.received_at),
         "started_at": rfc3339(req.started_at),
         "finished_at": rfc3339(req.finished_at),

@@ -58,6 +58,7 @@ def test_every_model_holding_the_subject_gets_a_request_and_a_job(dep: Any) -> N
     assert again.status_code == 200 and again.json() == group
     assert group["models"] == ["*"] and group["status"] == "queued" and group["subject_ref"] == "dsr-7"
     assert [r["model"] for r in group["requests"]] == ["a", "b"]  # `plain` knows no subjects
+    assert {r["group_id"] for r in group["requests"]} == {group["id"]}
     assert all(r["sample_count"] == 3 and r["status"] == "queued" for r in group["requests"])
     assert len({r["job_id"] for r in group["requests"]}) == 2
     assert _count(dep, Job, Job.kind == "unlearn", Job.status == "queued") == 2
