@@ -250,3 +250,16 @@ def test_bad_teacher_budget_is_counted_in_steps(problem: Problem) -> None:
     pool = len(problem.forget_idx) + int(np.ceil(0.3 * len(ctx.retain_idx)))
     by_epochs = make_method("bad_teacher", {"batch_size": 32, "epochs": 1.0}).run(ctx)
     assert by_epochs.steps == int(np.ceil(pool / 32))
+
+
+def test_retrain_with_a_seed_offset_is_another_exact_retraining(problem: Problem) -> None:
+    """The noise floor's row: the same recipe and retain pool, other random draws."""
+    ctx = problem.context()
+    gold, other = (make_method("retrain", {"seed_offset": k}).run(ctx) for k in (0, 1))
+    assert gold.steps == other.steps
+    assert any(not torch.equal(p, q) for p, q in zip(
+        gold.model.parameters(), other.model.parameters(), strict=True))
+    again = make_method("retrain", {}).run(ctx).model
+    assert all(torch.equal(p, q) for p, q in zip(gold.model.parameters(), again.parameters(), strict=True))
+    with pytest.raises(InvalidInput):
+        make_method("retrain", {"seed_offset": -1})

@@ -9,7 +9,7 @@ from tiny_problem import NUM_CLASSES, RECIPE, Problem
 
 from engine.errors import Cancelled, InvalidInput
 from engine.methods import DEFAULT_METHOD, make_method
-from engine.methods.feature_constraint import forget_monitor
+from engine.methods.feature_constraint import ForgetMonitor, forget_monitor
 from engine.runtime import Reporter
 from engine.unlearning import check_partition
 
@@ -205,3 +205,25 @@ def test_dampening_that_costs_retained_accuracy_is_rejected(problem: Problem):
     assert all(torch.equal(x, y) for x, y in zip(rejected.model.state_dict().values(),
                                                   plain.model.state_dict().values(), strict=True))
     assert problem.acc(kept.model, gone) < problem.acc(rejected.model, gone)
+
+
+def test_match_accuracy_holds_the_run_until_the_forget_set_is_recognised_no_more_than_held_out_data(
+    problem: Problem,
+):
+    """`match_accuracy` (an option, off by default: docs/robustness.md): the target is the
+    original's held-out accuracy per class, and the monitor is not on target while the
+    forget set is recognised more often than that."""
+    ctx = problem.context()
+    monitor = forget_monitor(ctx, ctx.retain_idx, 64, match_accuracy=True)
+    assert monitor.target_acc is not None and (monitor.target_acc >= 0.9).all()  # the task is easy
+    assert "acc_excess" not in forget_monitor(ctx, ctx.retain_idx, 64).stats()
+    n = len(ctx.forget_idx)
+    strict = ForgetMonitor(monitor.target_member, monitor.absent, monitor.loss_threshold,
+                           monitor.retain_acc, np.full(n, 0.5))
+    positions, unseen_loss = np.arange(n), np.full(n, 9.0)  # nobody is called a member
+    strict.observe(positions, np.arange(n) < 3 * n // 4, unseen_loss)
+    assert strict.stats()["acc_excess"] == pytest.approx(0.25) and not strict.reached(0.01)
+    membership = abs(strict.stats()["member_excess"])  # the other part of the distance
+    assert strict.distance() == pytest.approx(membership + 0.25)
+    strict.observe(positions, np.arange(n) < n // 2, unseen_loss)
+    assert strict.reached(0.01) and strict.distance() == pytest.approx(membership)

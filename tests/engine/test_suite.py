@@ -10,6 +10,7 @@ import pytest
 from engine.datasets import Dataset
 from engine.suite import (
     CONFIGURATIONS,
+    FLOOR_LABEL,
     QUICK_CONFIGURATIONS,
     class_subset,
     format_report,
@@ -101,6 +102,16 @@ def test_targets_are_judged_per_configuration_with_per_seed_values() -> None:
     assert row["acc_forget"] == [0.0, 1.0] and row["class_ok"] is False  # 1% > 0.5%
     report = format_report(records)
     assert "0.40, 1.40" in report and "**missed**" in report
+
+
+def test_the_noise_floor_is_reported_beside_the_targets_and_is_not_a_method() -> None:
+    records = [_rec("retrain", "small", 0, 0.0), _rec("retrain", "small", 1, 0.0),
+               _rec("feature_constraint", "small", 0, 0.3), _rec("feature_constraint", "small", 1, 0.5),
+               _rec(FLOOR_LABEL, "small", 0, 2.5), _rec(FLOOR_LABEL, "small", 1, 0.0)]
+    (row,) = target_rows(records)
+    assert row["floor"] == [2.5, 0.0] and row["lowest"] == "feature_constraint"
+    assert "1.25 ± 1.25 [2.50, 0.00]" in format_report(records)
+    assert "not run" in format_report(records[:4])
 
 
 def test_a_time_ratio_against_a_retrain_timed_elsewhere_is_not_reported() -> None:
