@@ -100,7 +100,7 @@ def _get_model(session: Session, name: str) -> ModelRow:
         raise ModelImportFailed(
             f"model {name!r} has no version: its checkpoint import failed "
             f"({error.get('code')}: {error.get('message')}); register the corrected checkpoint "
-            "under a new name",
+            "under the same name",
             model=name, import_error=error,
         )
     return model

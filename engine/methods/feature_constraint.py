@@ -161,11 +161,16 @@ class ForgetMonitor:
 
     def __init__(self, target_member: npt.NDArray[np.float64], absent: npt.NDArray[np.bool_],
                  loss_threshold: float, retain_acc: float,
-                 target_acc: npt.NDArray[np.float64] | None = None) -> None:
+                 target_acc: npt.NDArray[np.float64] | None = None,
+                 heldout_losses: npt.NDArray[np.float64] | None = None) -> None:
         self.target_member = target_member
         # Per forget sample, the held-out accuracy of its class under the original model;
         # None: accuracy is left to generalisation.
         self.target_acc = target_acc
+        # The original's losses on held-out samples, sorted; with them, the forget set's
+        # losses (present classes) must not be stochastically smaller (`loss_shift`).
+        self.heldout_losses = None if heldout_losses is None else np.sort(heldout_losses)
+        self.losses = np.full(len(absent), np.nan)
         self.retain_acc = retain_acc  # the original model's accuracy on retained samples
         self.absent = absent
         self.loss_threshold = loss_threshold
@@ -178,7 +183,38 @@ class ForgetMonitor:
                 losses: npt.NDArray[np.float64]) -> None:
         self.correct[positions] = correct
         self.member[positions] = losses < self.loss_threshold
+        self.losses[positions] = losses
         self.seen[positions] = True
+
+    def loss_shift(self) -> tuple[float, float]:
+        """(D+, its critical value): the one-sided Kolmogorov-Smirnov statistic of the forget
+        set's losses (present classes) against the held-out losses, largest where forget
+        losses are smaller, and the value a 5% test rejects above."""
+        assert self.heldout_losses is not None
+        forget = np.sort(self.losses[~self.absent])
+        n, m = len(forget), len(self.heldout_losses)
+        if n == 0:
+            return 0.0, 1.0
+        below = np.searchsorted(self.heldout_losses, forget, side="right") / m
+        d_plus = float(np.max(np.arange(1, n + 1) / n - below))
+        return d_plus, KS_C_05 * math.sqrt((n + m) / (n * m))
+
+    def loss_targets(self, positions: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
+        """Per forget sample at `positions`: the held-out loss at its own rank among the forget
+        set's losses (a sample of an absent class: NaN, no target)."""
+        assert self.heldout_losses is not None
+        present = ~self.absent
+        ranks = np.empty(len(self.losses))
+        order = np.argsort(self.losses[present], kind="stable")
+        pos_ranks = np.empty(len(order))
+        pos_ranks[order] = np.arange(len(order))
+        ranks[present] = (pos_ranks + 0.5) / max(1, len(order))
+        ranks[self.absent] = np.nan
+        q = ranks[positions]
+        out = np.full(len(positions), np.nan)
+        ok = ~np.isnan(q)
+        out[ok] = np.quantile(self.heldout_losses, q[ok])
+        return out
 
     @property
     def complete(self) -> bool:
@@ -193,6 +229,9 @@ class ForgetMonitor:
             if self.target_acc is not None:
                 out["acc_excess"] = float(
                     self.correct[present].mean() - self.target_acc[present].mean())
+            if self.heldout_losses is not None:
+                d_plus, critical = self.loss_shift()
+                out["loss_shift"], out["loss_shift_critical"] = d_plus, critical
         if self.absent.any():
             out["absent_acc"] = float(self.correct[self.absent].mean())
             out["absent_member"] = float(self.member[self.absent].mean())
@@ -202,15 +241,21 @@ class ForgetMonitor:
         """How far the forget set is from looking never-trained-on (0 = on target)."""
         s = self.stats()
         w = float(self.absent.mean())
-        return (1 - w) * (abs(s.get("member_excess", 0.0)) + max(0.0, s.get("acc_excess", 0.0))) + w * (
-            s.get("absent_acc", 0.0) + s.get("absent_member", 0.0))
+        shift = max(0.0, s.get("loss_shift", 0.0) - s.get("loss_shift_critical", 0.0))
+        return (1 - w) * (abs(s.get("member_excess", 0.0)) + max(0.0, s.get("acc_excess", 0.0))
+                          + shift) + w * (s.get("absent_acc", 0.0) + s.get("absent_member", 0.0))
 
     def reached(self, tolerance: float) -> bool:
         s = self.stats()
         return (s.get("member_excess", 0.0) <= tolerance
                 and s.get("acc_excess", 0.0) <= tolerance
+                and s.get("loss_shift", 0.0) <= s.get("loss_shift_critical", 1.0)
                 and s.get("absent_acc", 0.0) <= tolerance / 2
                 and s.get("absent_member", 0.0) <= tolerance)
+
+
+#: sqrt(-ln(0.05) / 2): the one-sided two-sample Kolmogorov-Smirnov critical coefficient at 5%.
+KS_C_05 = math.sqrt(-math.log(0.05) / 2)
 
 
 def _loss_threshold(member: npt.NDArray[np.float64], nonmember: npt.NDArray[np.float64]) -> float:
@@ -226,7 +271,7 @@ def _loss_threshold(member: npt.NDArray[np.float64], nonmember: npt.NDArray[np.f
 
 
 def forget_monitor(ctx: UnlearnContext, recovery_idx: npt.NDArray[np.int64], probe: int,
-                   *, match_accuracy: bool = False) -> ForgetMonitor:
+                   *, match_accuracy: bool = False, match_losses: bool = False) -> ForgetMonitor:
     """Measure the 'never trained on' reference with the original model (a few hundred forwards)."""
     rng = ctx.generator(salt=7)
     heldout = rng.permutation(ctx.heldout_idx)[:probe]
@@ -259,7 +304,8 @@ def forget_monitor(ctx: UnlearnContext, recovery_idx: npt.NDArray[np.int64], pro
                      else overall_acc for c in np.unique(f_labels)}
         target_acc = np.asarray([0.0 if gone else class_acc[int(c)]
                                  for c, gone in zip(f_labels, absent, strict=True)])
-    return ForgetMonitor(target, absent, threshold, float(m_out.correct().mean()), target_acc)
+    return ForgetMonitor(target, absent, threshold, float(m_out.correct().mean()), target_acc,
+                         h_losses if match_losses else None)
 
 
 def _window_means(history: list[dict[str, Any]]) -> dict[str, float]:
@@ -307,6 +353,10 @@ class FeatureConstraintConfig:
     # Also require the forget set of present classes to be recognised no more often than
     # held-out samples of their classes are (the original model's held-out accuracy).
     match_accuracy: bool = False
+    # Push each forget sample of a present class whose loss is below the held-out loss at its
+    # own rank up to it, and stop only when a one-sided KS test (5%) cannot tell the forget
+    # set's losses from held-out ones.
+    match_losses: bool = False
 
     def __post_init__(self) -> None:
         if self.balancer not in BALANCERS:
@@ -337,7 +387,8 @@ class FeatureConstraint(Method[FeatureConstraintConfig]):
     def run(self, ctx: UnlearnContext) -> MethodOutput:
         cfg = self.config
         recovery_idx = self.recovery_subset(ctx)
-        monitor = forget_monitor(ctx, recovery_idx, cfg.heldout_probe, match_accuracy=cfg.match_accuracy)
+        monitor = forget_monitor(ctx, recovery_idx, cfg.heldout_probe, match_accuracy=cfg.match_accuracy,
+                                 match_losses=cfg.match_losses)
         model = freeze_batchnorm(ctx.student())
         dampening: dict[str, Any] = {}
         if cfg.dampen_absent and monitor.absent.any():
@@ -443,6 +494,15 @@ class FeatureConstraint(Method[FeatureConstraintConfig]):
                 # Once the population looks unseen, only that push remains: the feature
                 # constraint moves shared features and would disturb the other samples.
                 forget_loss = excess if population_done else forget_loss + excess
+            if monitor.heldout_losses is not None and monitor.complete:
+                # Each present-class sample's loss up to the held-out loss at its own rank,
+                # in units of the held-out mean loss.
+                wanted = torch.from_numpy(monitor.loss_targets(f_pos)).to(phi_f)
+                has = ~torch.isnan(wanted)
+                ce = nn.functional.cross_entropy(logits_f, yf, reduction="none")
+                short = torch.relu(torch.nan_to_num(wanted) - ce) * has
+                push = short.sum() / has.sum().clamp(min=1) / max(float(monitor.heldout_losses.mean()), 1e-6)
+                forget_loss = push if population_done else forget_loss + push
             losses = {"forget": forget_loss,
                       "recover": nn.functional.cross_entropy(logits_r.float(), yr)}
             recovered = retain_acc >= monitor.retain_acc - cfg.tolerance
