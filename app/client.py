@@ -206,6 +206,7 @@ class Model(TypedDict, total=False):
     status: str
     description: dict[str, Any] | None
     error: dict[str, Any] | None
+    succeeds: str | None
     created_at: str
 
 
@@ -250,6 +251,7 @@ class Dataset(TypedDict, total=False):
     splits: dict[str, int]
     input_shape: list[int]
     fingerprint: str
+    version_of: str | None
     created_at: str
 
 
@@ -574,10 +576,14 @@ class LetheClient:
     # datasets
 
     def register_dataset(
-        self, name: str, kind: str, uri: str = "", options: dict[str, Any] | None = None
+        self, name: str, kind: str, uri: str = "", options: dict[str, Any] | None = None,
+        *, version_of: str | None = None,
     ) -> Dataset:
-        """`POST /v1/datasets` (scope `admin`)."""
-        body = {"name": name, "kind": kind, "uri": uri, "options": options or {}}
+        """`POST /v1/datasets` (scope `admin`); `version_of`: the dataset this one is a later
+        version of (its models' successors forget what they forgot)."""
+        body: dict[str, Any] = {"name": name, "kind": kind, "uri": uri, "options": options or {}}
+        if version_of is not None:
+            body["version_of"] = version_of
         return cast(Dataset, self._json("POST", "/v1/datasets", json=body))
 
     def get_dataset(self, name: str) -> Dataset:
@@ -669,7 +675,7 @@ class LetheClient:
         """`POST /v1/models` as a multipart upload of a safetensors file: 201 with version 1
         for a built-in architecture; 202 with `job_id` (an `import` job) for `timm:<name>` or
         `torchvision:<name>`. `metadata` adds members such as `input_size`, `preprocessing`,
-        `policy`."""
+        `policy`, `succeeds`."""
         meta: dict[str, Any] = {"name": name, "dataset": dataset, "architecture": architecture,
                                 "num_classes": num_classes, **metadata}
         if recipe is not None:

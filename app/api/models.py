@@ -209,6 +209,7 @@ async def create_model(
         "recipe": spec.recipe.model_dump(),
         "policy": spec.policy_overrides(),
         "settings": settings,
+        "succeeds": spec.succeeds,
     }
 
     def register() -> models.Registered:

@@ -322,6 +322,11 @@ class DatasetCreate(_Strict):
     kind: DatasetKind
     uri: Annotated[str, StringConstraints(max_length=4000)] = ""
     options: dict[str, Any] = Field(default_factory=dict)
+    version_of: Name | None = Field(
+        default=None,
+        description="The dataset this one is a later version of: data subjects hash alike in "
+        "both, so a model trained on this one can continue a lineage (`succeeds`) and forget "
+        "what it forgot")
 
 
 class DatasetPublic(_Open):
@@ -336,6 +341,7 @@ class DatasetPublic(_Open):
     splits: dict[str, int]
     input_shape: list[int]
     fingerprint: str
+    version_of: str | None = None
     created_at: str
 
 
@@ -405,6 +411,11 @@ class ModelCreate(_Strict):
     num_classes: int = Field(ge=2, le=100000)
     recipe: Recipe = Field(default_factory=Recipe)
     policy: Policy | None = None
+    succeeds: Name | None = Field(
+        default=None,
+        description="The model whose lineage this one continues (trained on a later version "
+        "of its dataset): every sample and data subject that lineage forgot, or was asked to "
+        "forget, is forgotten by this one too, by a deletion request queued at registration")
 
     def policy_overrides(self) -> dict[str, Any] | None:
         """The policy keys the caller set (the rest keep the defaults)."""
@@ -486,6 +497,7 @@ class ModelPublic(_Open):
         "given until the import job completes them with the library's defaults)"
     )
     error: dict[str, Any] | None = Field(description="A failed import's `{code, message}`")
+    succeeds: str | None = Field(default=None, description="The model whose lineage this one continues")
     created_at: str
 
 

@@ -76,6 +76,8 @@ class DatasetRow(Base):
     created_at: Mapped[datetime]
     # The HMAC key subject IDs are hashed with (hex); None when the dataset names no subjects.
     subject_key: Mapped[str | None] = mapped_column(String(64))
+    # The dataset this one is a later version of (its subject key is that one's).
+    version_of: Mapped[str | None] = mapped_column(String(100))
 
 
 class Sample(Base):
@@ -124,6 +126,8 @@ class ModelRow(Base):
     description: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     #: Why the registration failed: the import job's problem `{code, message}`.
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    #: The model whose lineage this one continues (`app.services.lineage`).
+    succeeds: Mapped[str | None] = mapped_column(String(100))
 
 
 class ModelVersion(Base):

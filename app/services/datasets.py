@@ -51,6 +51,7 @@ def dataset_public(session: Session, row: DatasetRow) -> dict[str, Any]:
         "splits": {"train": row.train_size, "test": row.test_size, **heldout_sizes(session, row)},
         "input_shape": [row.in_channels, row.height, row.width],
         "fingerprint": row.fingerprint,
+        "version_of": row.version_of,
         "created_at": rfc3339(row.created_at),
     }
 
@@ -74,23 +75,38 @@ def register_dataset(
     kind: str,
     uri: str = "",
     options: dict[str, Any] | None = None,
+    version_of: str | None = None,
     actor: str,
 ) -> dict[str, Any]:
-    """Index a dataset and store its samples; 409 if the name is taken."""
+    """Index a dataset and store its samples; 409 if the name is taken. `version_of` names the
+    dataset this one is a later version of: its subjects are hashed with that one's key, so
+    models trained on it can continue that dataset's models' lineages (`app.services.lineage`)."""
     check_name(name, "name")
     options = options or {}
     with read_only(session):
         if session.scalar(select(DatasetRow.id).where(DatasetRow.name == name)) is not None:
             raise AlreadyExists(f"dataset {name!r} exists")
+        if version_of is not None:
+            _predecessor(session, version_of)
     ds = _load(name, kind, uri, options)
     with unit_of_work(session):
-        row = _index(session, ds, name=name, kind=kind, uri=uri, options=options, actor=actor)
+        key = _predecessor(session, version_of).subject_key if version_of is not None else None
+        row = _index(session, ds, name=name, kind=kind, uri=uri, options=options, actor=actor,
+                     version_of=version_of, subject_key=key)
         body = dataset_public(session, row)
     if is_postgres(session):
         # Fresh statistics keep ID validation on the primary key instead of a split scan.
         with unit_of_work(session):
             session.execute(text("ANALYZE samples"))
     return body
+
+
+def _predecessor(session: Session, name: str) -> DatasetRow:
+    """The dataset a new one is a version of; 422 when there is none of that name."""
+    row = session.scalar(select(DatasetRow).where(DatasetRow.name == name))
+    if row is None:
+        raise InvalidInput(f"version_of names no dataset: {name!r}", field="version_of")
+    return row
 
 
 def _load(name: str, kind: str, uri: str, options: dict[str, Any]) -> Dataset:
@@ -117,6 +133,8 @@ def _index(
     uri: str,
     options: dict[str, Any],
     actor: str,
+    version_of: str | None = None,
+    subject_key: str | None = None,
 ) -> DatasetRow:
     """The dataset row, one `samples` row per sample and the `dataset.registered` event (in
     the caller's transaction)."""
@@ -136,6 +154,7 @@ def _index(
         width=w,
         fingerprint=ds.fingerprint(),
         created_at=utcnow(),
+        version_of=version_of,
     )
     session.add(row)
     try:
@@ -143,7 +162,7 @@ def _index(
     except Exception:
         raise AlreadyExists(f"dataset {name!r} exists") from None
     dataset_id = row.id
-    subject_count = _index_subjects(session, row, ds)
+    subject_count = _index_subjects(session, row, ds, subject_key)
     bulk_insert(
         session,
         table_of(Sample),
@@ -164,16 +183,18 @@ def _index(
             "num_samples": len(ds),
             "fingerprint": row.fingerprint,
             "subject_count": subject_count,
+            "version_of": version_of,
         },
     )
     return row
 
 
-def _index_subjects(session: Session, row: DatasetRow, ds: Dataset) -> int:
-    """Draw the dataset's subject key and store its samples' hashed subjects (if it has any)."""
+def _index_subjects(session: Session, row: DatasetRow, ds: Dataset, key: str | None) -> int:
+    """Store the samples' hashed subjects (if it has any) under `key`, the key of the dataset
+    this one is a version of, or a new one."""
     if ds.subjects is None or not any(ds.subjects.tolist()):
         return 0
-    row.subject_key = subjects.new_subject_key()
+    row.subject_key = key or subjects.new_subject_key()
     session.flush()
     return subjects.index_subjects(session, row.id, row.subject_key, ds.ids.tolist(), ds.subjects)
 

@@ -286,6 +286,24 @@ def accept_subjects_in_transaction(
     return accept_in_transaction(session, intake, principal, settings)
 
 
+def accept_in_lineage(
+    session: Session,
+    *,
+    principal: Principal,
+    settings: Settings,
+    model: str,
+    sample_ids: list[str],
+    reason: str,
+) -> tuple[dict[str, Any], str | None]:
+    """A request for `sample_ids` with the default method, accepted in the caller's
+    transaction (a lineage's successor forgetting what its predecessor forgot,
+    `app.services.lineage`): its resource and the new job to enqueue, if any."""
+    method = catalog.DEFAULT_METHOD
+    intake = _Intake(model, sample_ids, [], None, reason, method,
+                     catalog.normalise_method_options(method, {}), VerifyMode.STANDARD, None)
+    return accept_in_transaction(session, intake, principal, settings)
+
+
 def _validate(intake: _Intake, settings: Settings) -> None:
     """Refuse what no database state can make valid: no, too many or repeated IDs, an unknown
     method or verification, a callback URL that is not allowed."""

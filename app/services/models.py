@@ -29,6 +29,7 @@ from app.errors import (
     VersionNotFound,
     to_lethe_error,
 )
+from app.services import lineage
 from app.services.apikeys import Principal
 from app.services.audit import append_event
 from app.services.common import Page, decode_cursor, encode_cursor
@@ -53,11 +54,13 @@ class Registered:
     enqueue_job_id: str | None
     #: The model's `reference` job, to dispatch too (None when references are off).
     reference_job_id: str | None = None
+    #: The jobs of the deletion requests a successor inherited (`app.services.lineage`).
+    lineage_job_ids: tuple[str, ...] = ()
 
     @property
     def dispatch(self) -> list[str]:
         """Every job the registration queued, to send to the broker after commit."""
-        return [j for j in (self.enqueue_job_id, self.reference_job_id) if j]
+        return [j for j in (self.enqueue_job_id, self.reference_job_id, *self.lineage_job_ids) if j]
 
     @property
     def job_id(self) -> str | None:
@@ -212,14 +215,17 @@ def register_model_train(
     recipe: dict[str, Any],
     settings: Settings,
     policy: dict[str, Any] | None = None,
+    succeeds: str | None = None,
 ) -> Registered:
     """Register a model whose version 1 a queued train job will produce, with its reference
     job (when `settings.references`): both queued in the registration's transaction. The
-    references need only the recipe and the dataset, so they do not wait for version 1."""
+    references need only the recipe and the dataset, so they do not wait for version 1.
+    `succeeds`: the model whose lineage this one continues (`app.services.lineage`)."""
     with unit_of_work(session):
         ds = _check_spec(
             session, name=name, dataset=dataset, architecture=architecture, num_classes=num_classes
         )
+        pred = lineage.check_predecessor(session, succeeds, ds) if succeeds else None
         model = _new_model(
             ds,
             name=name,
@@ -232,16 +238,28 @@ def register_model_train(
         _record_registration(session, actor=principal.name, model=model, dataset=dataset, init="train")
         job = create_job(session, model, kind=JobKind.TRAIN, method="train", actor=principal.name)
         ref_id = schedule_references(session, model, settings=settings, actor=principal.name)
+        inherited = _inherit(session, model, pred, principal=principal, settings=settings)
     with read_only(session):
         body = model_public(session, model)
     body["job_id"] = job.id
-    return Registered(body, job.id, ref_id)
+    return Registered(body, job.id, ref_id, inherited)
+
+
+def _inherit(
+    session: Session, model: ModelRow, pred: ModelRow | None, *, principal: Principal, settings: Settings
+) -> tuple[str, ...]:
+    """Continue `pred`'s lineage (after version 1's job, or version 1, is in place, so the
+    inherited requests queue behind it); the jobs to dispatch."""
+    if pred is None:
+        return ()
+    return tuple(lineage.inherit(session, model, pred, principal=principal, settings=settings).job_ids)
 
 
 #: What a registration sets on its model row; a registration under the name of a failed one
 #: sets these on the failed row (`_take_over_failed`).
 _REGISTRATION_FIELDS = ("dataset_id", "architecture", "num_classes", "in_channels", "recipe", "policy",
-                        "latest_version", "forgotten_count", "created_at", "status", "description")
+                        "latest_version", "forgotten_count", "created_at", "status", "description",
+                        "succeeds")
 
 
 def _add_model(session: Session, model: ModelRow) -> ModelRow:
@@ -304,6 +322,7 @@ def register_model_upload(
     settings: Settings,
     policy: dict[str, Any] | None = None,
     max_bytes: int | None = None,
+    succeeds: str | None = None,
 ) -> Registered:
     """Register a model from an uploaded safetensors checkpoint: version 1, no parent; its
     reference job (when `settings.references`) is queued in the same transaction."""
@@ -311,6 +330,8 @@ def register_model_upload(
         ds = _check_spec(
             session, name=name, dataset=dataset, architecture=architecture, num_classes=num_classes
         )
+        if succeeds:
+            lineage.check_predecessor(session, succeeds, ds)
         merged = merge_policy(policy)
         manifest = _upload_manifest(ds, name=name, architecture=architecture,
                                     num_classes=num_classes, recipe=recipe)
@@ -348,8 +369,10 @@ def register_model_upload(
             },
         )
         ref_id = schedule_references(session, model, settings=settings, actor=principal.name)
+        pred = lineage.check_predecessor(session, succeeds, ds) if succeeds else None
+        inherited = _inherit(session, model, pred, principal=principal, settings=settings)
     with read_only(session):
-        return Registered(model_public(session, model), None, ref_id)
+        return Registered(model_public(session, model), None, ref_id, inherited)
 
 
 def register_uploaded_model(
@@ -388,6 +411,7 @@ def register_model_import(
     description: dict[str, Any] | None = None,
     policy: dict[str, Any] | None = None,
     max_bytes: int | None = None,
+    succeeds: str | None = None,
 ) -> Registered:
     """Register a `timm:`/`torchvision:` model from an uploaded safetensors checkpoint: the
     file is checked torch-free and stored pending, the model is `importing`, and an `import`
@@ -398,6 +422,8 @@ def register_model_import(
     with read_only(session):
         ds = _check_library_spec(session, name=name, dataset=dataset, architecture=architecture,
                                  num_classes=num_classes, description=given)
+        if succeeds:
+            lineage.check_predecessor(session, succeeds, ds)
         merged = merge_policy(policy)
     stored = _store_upload(store, name, checkpoint, _pending_manifest(
         ds, name=name, architecture=architecture, num_classes=num_classes, description=given,
@@ -413,10 +439,12 @@ def register_model_import(
         job = create_job(session, model, kind=JobKind.IMPORT, method="import", actor=principal.name,
                          method_options=_upload_options(store, stored))
         ref_id = schedule_references(session, model, settings=settings, actor=principal.name)
+        pred = lineage.check_predecessor(session, succeeds, ds) if succeeds else None
+        inherited = _inherit(session, model, pred, principal=principal, settings=settings)
     with read_only(session):
         body = model_public(session, model)
     body["job_id"] = job.id
-    return Registered(body, job.id, ref_id)
+    return Registered(body, job.id, ref_id, inherited)
 
 
 def _store_upload(
@@ -544,6 +572,7 @@ def model_public(session: Session, model: ModelRow) -> dict[str, Any]:
         "status": model.status,
         "description": model.description,
         "error": model.error,
+        "succeeds": model.succeeds,
         "latest_version": model.latest_version,
         "forgotten_count": model.forgotten_count,
         "pending_requests": int(pending or 0),
