@@ -45,7 +45,11 @@ and the verification signal steers the run:
   accuracy on retained samples (a probe of up to `heldout_probe` retained samples), else the
   run starts from the original.
 - Recover. Once the forget set is on target but retained accuracy is not, steps go to
-  recovery alone.
+  recovery alone. Retained accuracy is read off the recovery batches; when a class is gone
+  it must also hold on up to `heldout_probe` retained samples the recovery does not train on
+  (`recovery_gate`, checked at most once per pass): on mnist5k (4,000 training samples, one
+  class forgotten, 5 seeds) the batches' accuracy let runs stop 2.3-2.7 points below
+  retraining's retained accuracy; with the gate the avg gap went from 0.88 to 0.49.
 
 Without a stop within the budget the method returns the model closest to the target.
 Known limit: a sample memorised against its visual class (label noise) already has a higher
@@ -308,6 +312,30 @@ def forget_monitor(ctx: UnlearnContext, recovery_idx: npt.NDArray[np.int64], pro
                          h_losses if match_losses else None)
 
 
+class _RecoveryGate:
+    """Retained accuracy measured on retained samples the recovery does not train on, against
+    the original's accuracy on the same samples (checked at most once per `window` steps)."""
+
+    def __init__(self, ctx: UnlearnContext, model: Classifier, recovery_idx: npt.NDArray[np.int64],
+                 cfg: FeatureConstraintConfig) -> None:
+        outside = np.setdiff1d(ctx.retain_idx, recovery_idx)
+        self.idx = ctx.generator(salt=13).permutation(outside if len(outside) else ctx.retain_idx)[
+            : cfg.heldout_probe]
+        self.ctx, self.model, self.tolerance = ctx, model, cfg.tolerance
+        self.target = accuracy(infer(ctx.original, ctx.data, self.idx))
+        self.every = max(1, math.ceil(len(ctx.forget_idx) / min(cfg.forget_batch_size, len(ctx.forget_idx))))
+        self.checked_at: int | None = None
+        self.last: float | None = None
+
+    def passes(self, step: int) -> bool:
+        if self.checked_at is not None and step - self.checked_at < self.every:
+            return False  # failed at its last check: recover a little longer before the next
+        self.checked_at = step
+        self.last = accuracy(infer(self.model, self.ctx.data, self.idx))
+        freeze_batchnorm(self.model)  # `infer` put the model back in train mode
+        return self.last >= self.target - self.tolerance
+
+
 def _window_means(history: list[dict[str, Any]]) -> dict[str, float]:
     steps = [h["losses"] for h in history if "losses" in h]
     return {k: float(np.mean([s[k] for s in steps])) for k in ("forget", "recover")}
@@ -357,6 +385,11 @@ class FeatureConstraintConfig:
     # own rank up to it, and stop only when a one-sided KS test (5%) cannot tell the forget
     # set's losses from held-out ones.
     match_losses: bool = False
+    # When a class is gone, judge recovery also on retained samples outside the recovery
+    # subset (up to `heldout_probe` of them) against the original's accuracy there: the
+    # recovery batches are trained on, so their accuracy overstates the retain pool's, and
+    # after the strong push a class needs the difference is points (docs/robustness.md).
+    recovery_gate: bool = True
 
     def __post_init__(self) -> None:
         if self.balancer not in BALANCERS:
@@ -448,6 +481,8 @@ class FeatureConstraint(Method[FeatureConstraintConfig]):
         total = max(cfg.min_steps, math.ceil(passes * (1.0 + absent)))
         last_pass_gap: float | None = None
         retain_acc: float | None = None
+        gate = (_RecoveryGate(ctx, model, recovery_idx, cfg)
+                if cfg.recovery_gate and monitor.absent.any() else None)
         forget_order = rng.permutation(ctx.forget_idx)
         for step in range(1, total + 1):
             # The statistics of this step are read off its forward pass, before its update:
@@ -506,6 +541,10 @@ class FeatureConstraint(Method[FeatureConstraintConfig]):
             losses = {"forget": forget_loss,
                       "recover": nn.functional.cross_entropy(logits_r.float(), yr)}
             recovered = retain_acc >= monitor.retain_acc - cfg.tolerance
+            if gate is not None and recovered and forgotten and updates >= cfg.min_steps:
+                recovered = gate.passes(step)
+                if gate.last is not None:
+                    stats["gate_acc"] = gate.last
             if monitor.complete:
                 gap = (monitor.distance() + max(0.0, monitor.retain_acc - retain_acc)
                        + (targets.distance() if targets is not None else 0.0))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -227,3 +229,21 @@ def test_match_accuracy_holds_the_run_until_the_forget_set_is_recognised_no_more
     assert strict.distance() == pytest.approx(membership + 0.25)
     strict.observe(positions, np.arange(n) < n // 2, unseen_loss)
     assert strict.reached(0.01) and strict.distance() == pytest.approx(membership)
+
+
+def test_the_recovery_gate_reads_retained_samples_the_recovery_does_not_train_on(problem: Problem):
+    from engine.methods.feature_constraint import FeatureConstraintConfig, _RecoveryGate
+
+    ctx = problem.context()
+    recovery = ctx.retain_idx[:20]
+    cfg = FeatureConstraintConfig(forget_batch_size=4)  # one pass: 4 steps over 16 samples
+    damaged = copy.deepcopy(problem.original)
+    with torch.no_grad():
+        for p in damaged.head.parameters():
+            p.zero_()  # every sample gets class 0
+    gate = _RecoveryGate(ctx, damaged, recovery, cfg)
+    assert not set(gate.idx.tolist()) & set(recovery.tolist()) and len(gate.idx) == len(ctx.retain_idx) - 20
+    assert gate.target >= 0.95 and not gate.passes(step=10) and gate.last is not None and gate.last < 0.5
+    damaged.load_state_dict(problem.original.state_dict())
+    assert not gate.passes(step=12)  # failed at step 10: not looked at again before step 14
+    assert gate.passes(step=14) and gate.last == gate.target
