@@ -354,51 +354,55 @@ def test_a_failed_registration_frees_its_name_for_a_corrected_upload(
         "model.registered", "model.registered", "model.registration_failed", "model.version.published"]
 
 
-def test_a_failed_name_waits_for_its_stopping_reference_job(
+@pytest.fixture
+def with_references(
     images: Path, deployment_factory: Any, tmp_path: Path
-) -> None:
+) -> Iterator[tuple[Any, TestClient]]:
+    """A SQLite deployment with reference jobs on (K = 2) and the image dataset registered."""
     dep = deployment_factory(tmp_path, None, references=True, reference_k=2)
     try:
         for api in _client(dep):
             assert _register_dataset(api, images).status_code == 201
-            path = tmp_path / "w.safetensors"
-            _mismatched_checkpoint(path)
-            resp = _upload(api, "m", "timm:test_resnet", path.read_bytes(), input_size=list(SIZE)).json()
-            ref_job = api.get("/v1/models/m/references").json()["job_id"]
-            with dep.sessions() as s:  # the reference job runs when the import fails
-                assert job_service.claim_job(s, ref_job, "w-ref", store=dep.store, heartbeat_timeout_s=60)
-            assert _work(dep, resp["job_id"]) == "failed"
-            assert api.get(f"/v1/jobs/{ref_job}").json()["cancel_requested"] is True
-            save_file(timm_user_model().state_dict(), str(path))
-            body = _problem(_upload(api, "m", "timm:test_resnet", path.read_bytes()), 409, "already_exists")
-            assert "still stopping" in body["detail"]
-            with dep.sessions() as s:
-                job_service.mark_cancelled(s, ref_job, actor="worker:w-ref")  # its worker stops
-            assert _upload(api, "m", "timm:test_resnet", path.read_bytes()).status_code == 202
+            yield dep, api
     finally:
         dep.engine.dispose()
+
+
+def test_a_failed_name_waits_for_its_stopping_reference_job(
+    with_references: tuple[Any, TestClient], tmp_path: Path
+) -> None:
+    dep, api = with_references
+    path = tmp_path / "w.safetensors"
+    _mismatched_checkpoint(path)
+    resp = _upload(api, "m", "timm:test_resnet", path.read_bytes(), input_size=list(SIZE)).json()
+    ref_job = api.get("/v1/models/m/references").json()["job_id"]
+    with dep.sessions() as s:  # the reference job runs when the import fails
+        assert job_service.claim_job(s, ref_job, "w-ref", store=dep.store, heartbeat_timeout_s=60)
+    assert _work(dep, resp["job_id"]) == "failed"
+    assert api.get(f"/v1/jobs/{ref_job}").json()["cancel_requested"] is True
+    save_file(timm_user_model().state_dict(), str(path))
+    body = _problem(_upload(api, "m", "timm:test_resnet", path.read_bytes()), 409, "already_exists")
+    assert "still stopping" in body["detail"]
+    with dep.sessions() as s:
+        job_service.mark_cancelled(s, ref_job, actor="worker:w-ref")  # its worker stops
+    assert _upload(api, "m", "timm:test_resnet", path.read_bytes()).status_code == 202
 
 
 def test_a_failed_import_cancels_the_reference_job_its_registration_queued(
-    images: Path, deployment_factory: Any, tmp_path: Path
+    with_references: tuple[Any, TestClient], tmp_path: Path
 ) -> None:
-    dep = deployment_factory(tmp_path, None, references=True, reference_k=2)
-    try:
-        for api in _client(dep):
-            assert _register_dataset(api, images).status_code == 201
-            path = tmp_path / "w.safetensors"
-            _mismatched_checkpoint(path)
-            resp = _upload(api, "m", "timm:test_resnet", path.read_bytes(), input_size=list(SIZE))
-            assert resp.status_code == 202, resp.text
-            references = api.get("/v1/models/m/references").json()
-            assert references["status"] == "queued" and references["k"] == 2
+    dep, api = with_references
+    path = tmp_path / "w.safetensors"
+    _mismatched_checkpoint(path)
+    resp = _upload(api, "m", "timm:test_resnet", path.read_bytes(), input_size=list(SIZE))
+    assert resp.status_code == 202, resp.text
+    references = api.get("/v1/models/m/references").json()
+    assert references["status"] == "queued" and references["k"] == 2
 
-            assert _work(dep, resp.json()["job_id"]) == "failed"
-            assert api.get("/v1/models/m/references").json()["status"] == "cancelled"
-            assert api.get(f"/v1/jobs/{references['job_id']}").json()["status"] == "cancelled"
-            assert _work(dep, references["job_id"]) == "skipped"
-    finally:
-        dep.engine.dispose()
+    assert _work(dep, resp.json()["job_id"]) == "failed"
+    assert api.get("/v1/models/m/references").json()["status"] == "cancelled"
+    assert api.get(f"/v1/jobs/{references['job_id']}").json()["status"] == "cancelled"
+    assert _work(dep, references["job_id"]) == "skipped"
 
 
 def test_cancelling_a_queued_import_fails_the_registration_and_removes_the_upload(
