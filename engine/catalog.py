@@ -243,9 +243,28 @@ METHODS: dict[str, MethodSpec] = {
                 Option("per_sample_targets", "boolean", False,
                        "with the model's reference statistics, push forget samples that models "
                        "which never saw them misclassify down to their own expected score"),
+                Option("match_accuracy", "boolean", False,
+                       "stop only once the forget set is recognised no more often than "
+                       "held-out samples of its classes"),
+                Option("match_losses", "boolean", True,
+                       "push forget losses up to the held-out losses at their ranks and stop "
+                       "only when a KS test cannot tell them apart"),
+                _count("match_losses_min", 50, "fewest forget samples of present classes for "
+                       "match_losses"),
+                Option("recovery_gate", "boolean", True,
+                       "when a class is gone, recovery must also hold on retained samples the "
+                       "recovery does not train on"),
             ),
         ),
-        MethodSpec("retrain", "Exact unlearning: train from scratch with the model's recipe"),
+        MethodSpec(
+            "retrain",
+            "Exact unlearning: train from scratch with the model's recipe",
+            (
+                Option("seed_offset", "integer", 0, "train with the recipe's seed plus this "
+                       "(another exact retraining: the noise floor of a gap)",
+                       minimum=0, maximum=1_000_000),
+            ),
+        ),
         MethodSpec(
             "finetune",
             "Cross-entropy on the retain pool only",

@@ -20,6 +20,16 @@ and the verification signal steers the run:
   sample carries must be neither recognised nor called member. When losses do not separate
   members at all, the threshold is the held-out median. The statistics are read off the
   forget batches the method computes anyway, so watching them costs nothing.
+- Match losses. A threshold sees one point of the loss distribution; a retrained model's
+  losses on the forget set look like held-out losses throughout (a few samples it gets
+  wrong included). With at least `match_losses_min` (50) forget samples of present classes,
+  each is pushed up to the held-out loss at its own rank (the sample of rank r of n to the
+  (r + 0.5) / n quantile; none is pushed down), and the run does not stop while a one-sided
+  two-sample Kolmogorov-Smirnov test at 5% tells the forget set's losses from held-out ones.
+  Measured on the robustness suite (random 10%, 5 seeds, every configuration), the avg gap
+  fell on every configuration or stayed (e.g. 1.60 -> 1.39 at 2,000 samples, 2.65 -> 2.04
+  on `mlp`); on 10-sample deletions the quantile targets are too coarse (two
+  configurations got worse), hence the minimum (docs/robustness.md).
 - Push. Whole-class deletions need far more forgetting than sample deletions: the forget
   loss is scaled by `max_pressure ** (fraction of forget samples whose class is gone)` and
   doubled whenever a full pass over the forget set closes too little of the distance; the
@@ -275,7 +285,7 @@ def _loss_threshold(member: npt.NDArray[np.float64], nonmember: npt.NDArray[np.f
 
 
 def forget_monitor(ctx: UnlearnContext, recovery_idx: npt.NDArray[np.int64], probe: int,
-                   *, match_accuracy: bool = False, match_losses: bool = False) -> ForgetMonitor:
+                   *, match_accuracy: bool = False, match_losses_min: int | None = None) -> ForgetMonitor:
     """Measure the 'never trained on' reference with the original model (a few hundred forwards)."""
     rng = ctx.generator(salt=7)
     heldout = rng.permutation(ctx.heldout_idx)[:probe]
@@ -308,6 +318,7 @@ def forget_monitor(ctx: UnlearnContext, recovery_idx: npt.NDArray[np.int64], pro
                      else overall_acc for c in np.unique(f_labels)}
         target_acc = np.asarray([0.0 if gone else class_acc[int(c)]
                                  for c, gone in zip(f_labels, absent, strict=True)])
+    match_losses = match_losses_min is not None and int((~absent).sum()) >= match_losses_min
     return ForgetMonitor(target, absent, threshold, float(m_out.correct().mean()), target_acc,
                          h_losses if match_losses else None)
 
@@ -383,8 +394,11 @@ class FeatureConstraintConfig:
     match_accuracy: bool = False
     # Push each forget sample of a present class whose loss is below the held-out loss at its
     # own rank up to it, and stop only when a one-sided KS test (5%) cannot tell the forget
-    # set's losses from held-out ones.
-    match_losses: bool = False
+    # set's losses from held-out ones; with at least `match_losses_min` such samples (a
+    # sample's target is a quantile known to 1/n: ten samples would each be pushed to a
+    # tenth of the held-out distribution, the tail ones into misclassification).
+    match_losses: bool = True
+    match_losses_min: int = 50
     # When a class is gone, judge recovery also on retained samples outside the recovery
     # subset (up to `heldout_probe` of them) against the original's accuracy there: the
     # recovery batches are trained on, so their accuracy overstates the retain pool's, and
@@ -421,7 +435,7 @@ class FeatureConstraint(Method[FeatureConstraintConfig]):
         cfg = self.config
         recovery_idx = self.recovery_subset(ctx)
         monitor = forget_monitor(ctx, recovery_idx, cfg.heldout_probe, match_accuracy=cfg.match_accuracy,
-                                 match_losses=cfg.match_losses)
+                                 match_losses_min=cfg.match_losses_min if cfg.match_losses else None)
         model = freeze_batchnorm(ctx.student())
         dampening: dict[str, Any] = {}
         if cfg.dampen_absent and monitor.absent.any():

@@ -247,3 +247,26 @@ def test_the_recovery_gate_reads_retained_samples_the_recovery_does_not_train_on
     damaged.load_state_dict(problem.original.state_dict())
     assert not gate.passes(step=12)  # failed at step 10: not looked at again before step 14
     assert gate.passes(step=14) and gate.last == gate.target
+
+
+def test_loss_matching_targets_each_sample_at_its_rank_and_stops_on_a_ks_test(problem: Problem):
+    """`match_losses`: the forget sample of rank r (of n, by loss) is pushed up to the held-out
+    losses' (r + 0.5) / n quantile; the forget set is on target once a one-sided KS test at 5%
+    cannot tell its losses from held-out ones. Below `match_losses_min` samples it is off."""
+    ctx = problem.context()
+    assert forget_monitor(ctx, ctx.retain_idx, 64, match_losses_min=17).heldout_losses is None  # 16 here
+    monitor = forget_monitor(ctx, ctx.retain_idx, 64, match_losses_min=16)
+    held = monitor.heldout_losses
+    assert held is not None and len(held) == 64 and (np.diff(held) >= 0).all()
+    n = len(ctx.forget_idx)
+    positions = np.arange(n)
+    monitor.observe(positions, np.ones(n, dtype=bool), np.linspace(0.0, 1e-3, n))  # all below
+    targets = monitor.loss_targets(positions)
+    assert np.allclose(targets, np.quantile(held, (np.arange(n) + 0.5) / n))  # rank order kept
+    d_plus, critical = monitor.loss_shift()
+    assert d_plus == pytest.approx(1.0 - np.searchsorted(held, 1e-3, side="right") / 64)
+    assert critical == pytest.approx(np.sqrt(-np.log(0.05) / 2) * np.sqrt((n + 64) / (n * 64)))
+    assert d_plus > critical and not monitor.reached(0.01)
+    monitor.observe(positions, np.zeros(n, dtype=bool), targets)  # at their targets
+    assert monitor.loss_shift()[0] <= monitor.loss_shift()[1]
+    assert "loss_shift" in monitor.stats()
