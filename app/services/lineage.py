@@ -49,9 +49,12 @@ from app.settings import Settings
 from app.vocab import OPEN_REQUEST_STATUSES, Split
 
 
-def check_predecessor(session: Session, succeeds: str, dataset: DatasetRow) -> ModelRow:
-    """The model a registration continues; 422 (field `succeeds`) when there is none of that
-    name, or when `dataset` is neither its dataset nor a version of it."""
+def check_predecessor(session: Session, name: str, succeeds: str, dataset: DatasetRow) -> ModelRow:
+    """The model the registration of `name` continues; 422 (field `succeeds`) when it is
+    `name` itself or there is none of that name, or when `dataset` is neither its dataset nor
+    a version of it."""
+    if succeeds == name:
+        raise InvalidInput(f"model {name!r} cannot succeed itself", field="succeeds")
     pred = session.scalar(select(ModelRow).where(ModelRow.name == succeeds))
     if pred is None:
         raise InvalidInput(f"succeeds names no model: {succeeds!r}", field="succeeds")

@@ -225,7 +225,7 @@ def register_model_train(
         ds = _check_spec(
             session, name=name, dataset=dataset, architecture=architecture, num_classes=num_classes
         )
-        pred = lineage.check_predecessor(session, succeeds, ds) if succeeds else None
+        pred = lineage.check_predecessor(session, name, succeeds, ds) if succeeds else None
         model = _new_model(
             ds,
             name=name,
@@ -331,7 +331,7 @@ def register_model_upload(
             session, name=name, dataset=dataset, architecture=architecture, num_classes=num_classes
         )
         if succeeds:
-            lineage.check_predecessor(session, succeeds, ds)
+            lineage.check_predecessor(session, name, succeeds, ds)
         merged = merge_policy(policy)
         manifest = _upload_manifest(ds, name=name, architecture=architecture,
                                     num_classes=num_classes, recipe=recipe)
@@ -369,7 +369,7 @@ def register_model_upload(
             },
         )
         ref_id = schedule_references(session, model, settings=settings, actor=principal.name)
-        pred = lineage.check_predecessor(session, succeeds, ds) if succeeds else None
+        pred = lineage.check_predecessor(session, name, succeeds, ds) if succeeds else None
         inherited = _inherit(session, model, pred, principal=principal, settings=settings)
     with read_only(session):
         return Registered(model_public(session, model), None, ref_id, inherited)
@@ -423,7 +423,7 @@ def register_model_import(
         ds = _check_library_spec(session, name=name, dataset=dataset, architecture=architecture,
                                  num_classes=num_classes, description=given)
         if succeeds:
-            lineage.check_predecessor(session, succeeds, ds)
+            lineage.check_predecessor(session, name, succeeds, ds)
         merged = merge_policy(policy)
     stored = _store_upload(store, name, checkpoint, _pending_manifest(
         ds, name=name, architecture=architecture, num_classes=num_classes, description=given,
@@ -439,7 +439,7 @@ def register_model_import(
         job = create_job(session, model, kind=JobKind.IMPORT, method="import", actor=principal.name,
                          method_options=_upload_options(store, stored))
         ref_id = schedule_references(session, model, settings=settings, actor=principal.name)
-        pred = lineage.check_predecessor(session, succeeds, ds) if succeeds else None
+        pred = lineage.check_predecessor(session, name, succeeds, ds) if succeeds else None
         inherited = _inherit(session, model, pred, principal=principal, settings=settings)
     with read_only(session):
         body = model_public(session, model)

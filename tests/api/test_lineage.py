@@ -130,12 +130,14 @@ def test_a_lineage_needs_a_known_predecessor_on_a_version_of_its_dataset(
     api: tuple[TestClient, Any], make_checkpoint: Any, tmp_path: Path
 ) -> None:
     client, dep = api
-    for name, dataset, succeeds in (("b", "v1", "nobody"), ("c", "tiny", "a")):
+    for name, dataset, succeeds, says in (("b", "v1", "nobody", "names no model"),
+                                          ("c", "tiny", "a", "version_of: 'v1'"),
+                                          ("e", "v1", "e", "cannot succeed itself")):
         body = _upload(client, make_checkpoint, name, dataset, succeeds=succeeds)
         assert body.status_code == 422, body.text
         assert body.json()["code"] == "invalid_input" and body.json()["field"] == "succeeds"
+        assert says in body.json()["detail"]
         assert client.get(f"/v1/models/{name}").status_code == 404  # nothing stored
-    assert "version_of: 'v1'" in body.json()["detail"]
     refused = client.post("/v1/datasets", json={"name": "v9", "kind": "npz", "uri": str(dep.dataset_path),
                                                 "version_of": "nothing"})
     assert refused.status_code == 422 and refused.json()["field"] == "version_of"
