@@ -90,7 +90,7 @@ def register_dataset(
             _predecessor(session, version_of)
     ds = _load(name, kind, uri, options)
     with unit_of_work(session):
-        key = _predecessor(session, version_of).subject_key if version_of is not None else None
+        key = _inherited_subject_key(session, version_of) if version_of is not None else None
         row = _index(session, ds, name=name, kind=kind, uri=uri, options=options, actor=actor,
                      version_of=version_of, subject_key=key)
         body = dataset_public(session, row)
@@ -107,6 +107,17 @@ def _predecessor(session: Session, name: str) -> DatasetRow:
     if row is None:
         raise InvalidInput(f"version_of names no dataset: {name!r}", field="version_of")
     return row
+
+
+def _inherited_subject_key(session: Session, version_of: str) -> str | None:
+    """The subject key of the nearest earlier version that has one (a version in between may
+    name no subjects), so a subject hashes alike along the whole chain."""
+    row: DatasetRow | None = _predecessor(session, version_of)
+    seen: set[str] = set()
+    while row is not None and row.subject_key is None and row.version_of and row.name not in seen:
+        seen.add(row.name)
+        row = session.scalar(select(DatasetRow).where(DatasetRow.name == row.version_of))
+    return row.subject_key if row is not None else None
 
 
 def _load(name: str, kind: str, uri: str, options: dict[str, Any]) -> Dataset:

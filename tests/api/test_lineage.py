@@ -142,14 +142,22 @@ def test_a_lineage_needs_a_known_predecessor_on_a_version_of_its_dataset(
                                                 "version_of": "nothing"})
     assert refused.status_code == 422 and refused.json()["field"] == "version_of"
     assert client.get("/v1/datasets/v9").status_code == 404
-    # A version of a version still counts (v3 -> v2 -> v1).
-    v2 = _snapshot(dep, tmp_path / "v2.npz", extra=NEW[:1])
+    # A version of a version still counts (v3 -> v2 -> v1), and a version in between that
+    # names no subjects (v2) does not break the key: cust-1 hashes alike in v1 and v3.
+    data = dict(np.load(_snapshot(dep, tmp_path / "v2.npz", extra=NEW[:1])))
+    del data["subjects"]
+    np.savez(tmp_path / "v2.npz", **data)
     v3 = _snapshot(dep, tmp_path / "v3.npz", extra=NEW[:2])
-    for name, path, of in (("v2", v2, "v1"), ("v3", v3, "v2")):
+    for name, path, of in (("v2", tmp_path / "v2.npz", "v1"), ("v3", v3, "v2")):
         made = client.post("/v1/datasets",
                            json={"name": name, "kind": "npz", "uri": str(path), "version_of": of})
         assert made.status_code == 201, made.text
-    assert _upload(client, make_checkpoint, "d", "v3", succeeds="a").status_code == 201
+    done = client.post("/v1/deletion-requests", json={"model": "a", "subject_ids": ["cust-1"]}).json()
+    _run(dep, done["job_id"], make_checkpoint, seed=1)
+    successor = _upload(client, make_checkpoint, "d", "v3", succeeds="a")
+    assert successor.status_code == 201, successor.text
+    (carried,) = client.get("/v1/deletion-requests", params={"model": "d"}).json()["items"]
+    assert carried["sample_count"] == 4  # s0000-s0002 and the new n0001
 
 
 def test_a_successor_trained_by_lethe_forgets_after_its_version_1(
