@@ -240,6 +240,8 @@ METHODS: dict[str, MethodSpec] = {
                               "SSD dampening of an absent class before the run (0: off)"),
                 _non_negative("dampen_max_drop", 0.05, 1,
                               "retained accuracy the dampening may cost"),
+                Option("dampen_backoff", "integer", 3, "selections tried after the first, each "
+                       "twice as strict, before dampening is given up", minimum=0, maximum=20),
                 Option("per_sample_targets", "boolean", False,
                        "with the model's reference statistics, push forget samples that models "
                        "which never saw them misclassify down to their own expected score"),

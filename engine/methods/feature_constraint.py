@@ -52,8 +52,12 @@ and the verification signal steers the run:
   With 5% label noise the forget set's importance spreads over shared weights: dampening
   alone left 22% retained accuracy and the run ended at 4.40 where the floor alone reached
   0.39, so dampening is kept only if it costs at most `dampen_max_drop` (5 points) of
-  accuracy on retained samples (a probe of up to `heldout_probe` retained samples), else the
-  run starts from the original.
+  accuracy on retained samples (a probe of up to `heldout_probe` retained samples). When it
+  costs more, the selection is tried again at 2, 4 and 8 times alpha (`dampen_backoff`; the
+  importances are computed once, and each stricter selection is a subset of the previous
+  one); if none passes, the run starts from the original. With 5% label noise, 5 seeds,
+  three of five runs found a selection that passed (at 4 or 8 times alpha), and the avg gap
+  went from 2.01 to 0.91; runs whose first selection passes are unchanged.
 - Recover. Once the forget set is on target but retained accuracy is not, steps go to
   recovery alone. Retained accuracy is read off the recovery batches; when a class is gone
   it must also hold on up to `heldout_probe` retained samples the recovery does not train on
@@ -323,6 +327,40 @@ def forget_monitor(ctx: UnlearnContext, recovery_idx: npt.NDArray[np.int64], pro
                          h_losses if match_losses else None)
 
 
+def _dampen_absent(ctx: UnlearnContext, model: Classifier, cfg: FeatureConstraintConfig) -> dict[str, Any]:
+    """Start `model` from the original dampened by SSD (see the module docstring); what was
+    done, for the run's `extra`. The importances are computed once; the selection is tried at
+    alpha, then 2, 4, ... times stricter (`dampen_backoff` times) until the dampened model
+    keeps retained samples classified (at most `dampen_max_drop` lost on a probe)."""
+    from engine.methods.ssd import SelectiveSynapticDampening, dampen
+
+    imp = SelectiveSynapticDampening().importances(ctx, ctx.student())
+    # A parameter only the forget set uses has an importance ratio of about |D| / |Df| (its
+    # importance on D is diluted by the forget set's share); SSD's alpha is set relative to
+    # that ceiling, so it means the same on 4 classes as on 100.
+    ratio = (len(ctx.forget_idx) + len(ctx.retain_idx)) / len(ctx.forget_idx)
+    # Kept only if retained samples stay classified: where the forget set's importance is
+    # spread over shared weights (label noise), dampening wrecks the model and the feature
+    # constraint cannot recover it within its budget. The probe is drawn from the whole
+    # retain pool (up to `heldout_probe` samples), not the recovery subset: on a small pool
+    # the subset is a few dozen samples, where one sample is already more than allowed.
+    probe = ctx.generator(salt=12).permutation(ctx.retain_idx)[: cfg.heldout_probe]
+    before = accuracy(infer(ctx.original, ctx.data, probe))
+    drops: list[float] = []
+    for k in range(cfg.dampen_backoff + 1):
+        candidate = ctx.student()
+        selected = dampen(candidate, imp, alpha=cfg.dampen_absent * ratio * 2**k, dampening=1.0)
+        drops.append(before - accuracy(infer(candidate, ctx.data, probe)))
+        if drops[-1] <= cfg.dampen_max_drop:
+            model.load_state_dict(candidate.state_dict())
+            total = sum(p.numel() for p in candidate.parameters() if p.requires_grad)
+            return {"dampen_batches": imp.steps, "dampen_retain_drop": drops[-1], "dampen_drops": drops,
+                    "dampening_rejected": False, "dampen_alpha_factor": 2**k,
+                    "dampened_parameters": selected, "dampened_fraction": selected / max(total, 1)}
+    return {"dampen_batches": imp.steps, "dampen_retain_drop": drops[0], "dampen_drops": drops,
+            "dampening_rejected": True}
+
+
 class _RecoveryGate:
     """Retained accuracy measured on retained samples the recovery does not train on, against
     the original's accuracy on the same samples (checked at most once per `window` steps)."""
@@ -385,6 +423,8 @@ class FeatureConstraintConfig:
     # on the whole training set D (0: off).
     dampen_absent: float = 0.5
     dampen_max_drop: float = 0.05  # largest fall in retained accuracy dampening may cause
+    # Selections tried after the first, each twice as strict, before giving dampening up.
+    dampen_backoff: int = 3
     # With the model's reference statistics: push forget samples that models which never saw
     # them misclassify down to their own expected score (`SampleTargets`). Off by default: on
     # mnist5k (random, seed 0) it damaged retained accuracy (docs/robustness.md).
@@ -416,6 +456,8 @@ class FeatureConstraintConfig:
             raise InvalidInput("lr, max_epochs and batch_size must be positive")
         if self.budget_floor < 0:
             raise InvalidInput("budget_floor must be >= 0")
+        if self.dampen_backoff < 0:
+            raise InvalidInput("dampen_backoff must be >= 0")
         if self.min_steps < 1:
             raise InvalidInput("min_steps must be >= 1: the original model is never a result")
 
@@ -439,27 +481,7 @@ class FeatureConstraint(Method[FeatureConstraintConfig]):
         model = freeze_batchnorm(ctx.student())
         dampening: dict[str, Any] = {}
         if cfg.dampen_absent and monitor.absent.any():
-            from engine.methods.ssd import SelectiveSynapticDampening
-
-            # A parameter only the forget set uses has an importance ratio of about |D| / |Df|
-            # (its importance on D is diluted by the forget set's share); SSD's alpha is set
-            # relative to that ceiling, so it means the same on 4 classes as on 100.
-            ratio = (len(ctx.forget_idx) + len(ctx.retain_idx)) / len(ctx.forget_idx)
-            damped = SelectiveSynapticDampening(alpha=cfg.dampen_absent * ratio).run(ctx)
-            # Kept only if retained samples stay classified: where the forget set's importance
-            # is spread over shared weights (label noise), dampening wrecks the model and the
-            # feature constraint cannot recover it within its budget.
-            # The probe is drawn from the whole retain pool (up to `heldout_probe` samples), not
-            # the recovery subset: on a small pool the subset is a few dozen samples, where one
-            # sample is already more than the 5 points allowed.
-            probe = ctx.generator(salt=12).permutation(ctx.retain_idx)[: cfg.heldout_probe]
-            drop = (accuracy(infer(ctx.original, ctx.data, probe))
-                    - accuracy(infer(damped.model, ctx.data, probe)))
-            rejected = drop > cfg.dampen_max_drop
-            if not rejected:
-                model.load_state_dict(damped.model.state_dict())
-            dampening = {"dampen_batches": damped.steps, "dampen_retain_drop": drop,
-                         "dampening_rejected": rejected, **damped.extra}
+            dampening = _dampen_absent(ctx, model, cfg)
         teacher = ctx.teacher()
         targets = (sample_targets(ctx, monitor.absent, cfg.heldout_probe)
                    if cfg.per_sample_targets and ctx.reference_stats is not None else None)

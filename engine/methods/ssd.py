@@ -53,11 +53,37 @@ class SSDConfig:
             raise InvalidInput("full_max_samples must be positive when given")
 
 
+@dataclass
+class Importances:
+    """The diagonal Fisher importances of every trainable parameter, on the forget set and on
+    the full training data, and the importance batches they took."""
+
+    forget: list[Tensor]
+    full: list[Tensor]
+    steps: int
+    history: list[dict[str, Any]]
+
+
+def dampen(model: nn.Module, imp: Importances, *, alpha: float, dampening: float) -> int:
+    """Scale, in place, every parameter of `model` whose forget importance exceeds `alpha`
+    times its full importance by min(dampening * I_D / I_Df, 1); how many were selected."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    selected_total = 0
+    with torch.no_grad():
+        for p, f, d in zip(params, imp.forget, imp.full, strict=True):
+            selected = f > alpha * d
+            scale = (dampening * d / f.clamp_min(torch.finfo(f.dtype).tiny)).clamp(max=1.0)
+            p.mul_(torch.where(selected, scale, torch.ones_like(scale)).to(p.dtype))
+            selected_total += int(selected.sum())
+    return selected_total
+
+
 class SelectiveSynapticDampening(Method[SSDConfig]):
     name = "ssd"
     Config = SSDConfig
 
-    def run(self, ctx: UnlearnContext) -> MethodOutput:
+    def importances(self, ctx: UnlearnContext, model: nn.Module) -> Importances:
+        """`model`'s importances (in eval mode) on the forget set and the full training data."""
         cfg = self.config
         full_idx = np.concatenate([ctx.forget_idx, ctx.retain_idx]).astype(np.int64)
         if cfg.full_max_samples is not None and len(full_idx) > cfg.full_max_samples:
@@ -65,8 +91,6 @@ class SelectiveSynapticDampening(Method[SSDConfig]):
                                                             replace=False))
         n_forget = -(-len(ctx.forget_idx) // cfg.batch_size)
         total = n_forget + -(-len(full_idx) // cfg.batch_size)
-
-        model = ctx.student()
         model.eval()
         params = [p for p in model.parameters() if p.requires_grad]
         history: list[dict[str, Any]] = []
@@ -91,17 +115,16 @@ class SelectiveSynapticDampening(Method[SSDConfig]):
 
         imp_forget = importance(ctx.forget_idx, "forget")
         imp_full = importance(full_idx, "full")
+        return Importances(imp_forget, imp_full, step, history)
 
-        dampened = 0
-        with torch.no_grad():
-            for p, f, d in zip(params, imp_forget, imp_full, strict=True):
-                selected = f > cfg.alpha * d
-                scale = (cfg.dampening * d / f.clamp_min(torch.finfo(f.dtype).tiny)).clamp(max=1.0)
-                p.mul_(torch.where(selected, scale, torch.ones_like(scale)).to(p.dtype))
-                dampened += int(selected.sum())
-        total_params = sum(p.numel() for p in params)
+    def run(self, ctx: UnlearnContext) -> MethodOutput:
+        cfg = self.config
+        model = ctx.student()
+        imp = self.importances(ctx, model)
+        dampened = dampen(model, imp, alpha=cfg.alpha, dampening=cfg.dampening)
+        total_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         return MethodOutput(
-            model=model, steps=step, history=history,
+            model=model, steps=imp.steps, history=imp.history,
             extra={"dampened_parameters": dampened,
                    "dampened_fraction": dampened / max(total_params, 1)},
         )

@@ -270,3 +270,26 @@ def test_loss_matching_targets_each_sample_at_its_rank_and_stops_on_a_ks_test(pr
     monitor.observe(positions, np.zeros(n, dtype=bool), targets)  # at their targets
     assert monitor.loss_shift()[0] <= monitor.loss_shift()[1]
     assert "loss_shift" in monitor.stats()
+
+
+def test_dampening_backs_off_to_stricter_selections_until_the_guard_passes(problem: Problem):
+    """The importances are computed once; each retry selects with twice the alpha (a subset of
+    the previous selection), and the run starts from the original if every try costs more
+    retained accuracy than `dampen_max_drop`."""
+    from engine.methods.feature_constraint import FeatureConstraintConfig, _dampen_absent
+
+    ds = problem.data.dataset
+    train = ds.train_indices
+    ctx = problem.context(forget_idx=train[ds.labels[train] == 1])
+    start = copy.deepcopy(problem.original)
+    kept = _dampen_absent(ctx, start, FeatureConstraintConfig(dampen_max_drop=1.0))
+    assert kept["dampen_alpha_factor"] == 1 and len(kept["dampen_drops"]) == 1
+    assert any(not torch.equal(p, q) for p, q in zip(
+        start.parameters(), problem.original.parameters(), strict=True))
+    untouched = copy.deepcopy(problem.original)
+    refused = _dampen_absent(ctx, untouched, FeatureConstraintConfig(dampen_max_drop=-1.0, dampen_backoff=2))
+    assert refused["dampening_rejected"] and len(refused["dampen_drops"]) == 3
+    assert all(torch.equal(p, q) for p, q in zip(
+        untouched.parameters(), problem.original.parameters(), strict=True))
+    with pytest.raises(InvalidInput):
+        FeatureConstraintConfig(dampen_backoff=-1)
