@@ -253,6 +253,20 @@ class Deployment:
         with self.sessions() as s:
             return jobs.complete_job(s, self.store, job_id, **args)
 
+    def register_with_subjects(self, name: str, owners: dict[str, list[str]]) -> None:
+        """Register a copy of the tiny dataset as `name`, whose samples belong to the subjects
+        of `owners` (subject -> sample IDs; the rest to nobody), and make it the default."""
+        from app.services import datasets
+
+        data = dict(np.load(self.dataset_path))
+        owner = {s: subject for subject, ids in owners.items() for s in ids}
+        data["subjects"] = np.asarray([owner.get(str(i), "") for i in data["ids"]])
+        path = self.dataset_path.with_name(f"{name}.npz")
+        np.savez(path, **data)
+        with self.sessions() as s:
+            datasets.register_dataset(s, name=name, kind="npz", uri=str(path), actor="test")
+        self.dataset = name
+
     def key(self, scopes: list[str], name: str | None = None) -> str:
         """A new API key with `scopes`."""
         from app.services.apikeys import create_api_key

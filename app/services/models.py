@@ -225,7 +225,6 @@ def register_model_train(
         ds = _check_spec(
             session, name=name, dataset=dataset, architecture=architecture, num_classes=num_classes
         )
-        pred = lineage.check_predecessor(session, name, succeeds, ds) if succeeds else None
         model = _new_model(
             ds,
             name=name,
@@ -238,7 +237,7 @@ def register_model_train(
         _record_registration(session, actor=principal.name, model=model, dataset=dataset, init="train")
         job = create_job(session, model, kind=JobKind.TRAIN, method="train", actor=principal.name)
         ref_id = schedule_references(session, model, settings=settings, actor=principal.name)
-        inherited = _inherit(session, model, pred, principal=principal, settings=settings)
+        inherited = _inherit(session, model, succeeds, ds, principal=principal, settings=settings)
     with read_only(session):
         body = model_public(session, model)
     body["job_id"] = job.id
@@ -246,12 +245,15 @@ def register_model_train(
 
 
 def _inherit(
-    session: Session, model: ModelRow, pred: ModelRow | None, *, principal: Principal, settings: Settings
+    session: Session, model: ModelRow, succeeds: str | None, ds: DatasetRow, *,
+    principal: Principal, settings: Settings,
 ) -> tuple[str, ...]:
-    """Continue `pred`'s lineage (after version 1's job, or version 1, is in place, so the
-    inherited requests queue behind it); the jobs to dispatch."""
-    if pred is None:
+    """Continue the lineage of the model named `succeeds`, if any, in the registration's
+    transaction (after version 1's job, or version 1, is in place, so the inherited requests
+    queue behind it); the jobs to dispatch."""
+    if not succeeds:
         return ()
+    pred = lineage.check_predecessor(session, model.name, succeeds, ds)
     return tuple(lineage.inherit(session, model, pred, principal=principal, settings=settings).job_ids)
 
 
@@ -330,7 +332,7 @@ def register_model_upload(
         ds = _check_spec(
             session, name=name, dataset=dataset, architecture=architecture, num_classes=num_classes
         )
-        if succeeds:
+        if succeeds:  # refused before the upload is stored; `_inherit` looks again when writing
             lineage.check_predecessor(session, name, succeeds, ds)
         merged = merge_policy(policy)
         manifest = _upload_manifest(ds, name=name, architecture=architecture,
@@ -369,8 +371,7 @@ def register_model_upload(
             },
         )
         ref_id = schedule_references(session, model, settings=settings, actor=principal.name)
-        pred = lineage.check_predecessor(session, name, succeeds, ds) if succeeds else None
-        inherited = _inherit(session, model, pred, principal=principal, settings=settings)
+        inherited = _inherit(session, model, succeeds, ds, principal=principal, settings=settings)
     with read_only(session):
         return Registered(model_public(session, model), None, ref_id, inherited)
 
@@ -422,7 +423,7 @@ def register_model_import(
     with read_only(session):
         ds = _check_library_spec(session, name=name, dataset=dataset, architecture=architecture,
                                  num_classes=num_classes, description=given)
-        if succeeds:
+        if succeeds:  # refused before the upload is stored; `_inherit` looks again when writing
             lineage.check_predecessor(session, name, succeeds, ds)
         merged = merge_policy(policy)
     stored = _store_upload(store, name, checkpoint, _pending_manifest(
@@ -439,8 +440,7 @@ def register_model_import(
         job = create_job(session, model, kind=JobKind.IMPORT, method="import", actor=principal.name,
                          method_options=_upload_options(store, stored))
         ref_id = schedule_references(session, model, settings=settings, actor=principal.name)
-        pred = lineage.check_predecessor(session, name, succeeds, ds) if succeeds else None
-        inherited = _inherit(session, model, pred, principal=principal, settings=settings)
+        inherited = _inherit(session, model, succeeds, ds, principal=principal, settings=settings)
     with read_only(session):
         body = model_public(session, model)
     body["job_id"] = job.id

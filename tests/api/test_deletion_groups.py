@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
@@ -14,7 +13,7 @@ from sqlalchemy import func, select
 from app.db.models import DeletionRequest, DeletionRequestGroup, Job
 from app.errors import DatasetWithoutSubjects, InvalidInput, ModelNotFound
 from app.main import create_app
-from app.services import datasets, deletion_groups, deletions, jobs
+from app.services import deletion_groups, deletions, jobs
 
 # In the tiny dataset sample i is `train` when i % 40 < 30.
 OWNERS = {"cust-1": ["s0000", "s0001", "s0002"], "cust-test": ["s0035"]}
@@ -24,13 +23,7 @@ OWNERS = {"cust-1": ["s0000", "s0001", "s0002"], "cust-test": ["s0035"]}
 def dep(deployment: Any, tmp_path: Path) -> Any:
     """Model `plain` on the tiny dataset (no subjects); `a` and `b` on a copy with subjects."""
     deployment.upload_model("plain")
-    data = dict(np.load(deployment.dataset_path))
-    owner = {s: subject for subject, ids in OWNERS.items() for s in ids}
-    data["subjects"] = np.asarray([owner.get(str(i), "") for i in data["ids"]])
-    np.savez(tmp_path / "subj.npz", **data)
-    with deployment.sessions() as s:
-        datasets.register_dataset(s, name="subj", kind="npz", uri=str(tmp_path / "subj.npz"), actor="t")
-    deployment.dataset = "subj"
+    deployment.register_with_subjects("subj", OWNERS)
     deployment.upload_model("a")
     deployment.upload_model("b")
     return deployment

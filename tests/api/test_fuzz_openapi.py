@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, seed, settings
@@ -42,7 +41,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from app.main import create_app
-from app.services import datasets, jobs, opendsr
+from app.services import jobs, opendsr
 
 CHECKS = [
     not_a_server_error,
@@ -102,12 +101,7 @@ def target(deployment: Any, make_checkpoint: Any, tmp_path: Path) -> Iterator[Ta
     group = deployment.submit(None, train[6:8], models=["m"])
     # Model `s` on a copy of the dataset whose first training samples belong to subject
     # `cust-1`: OpenDSR erasures for `cust-1` fan out to it and stay pending (cancellable).
-    data = dict(np.load(deployment.dataset_path))
-    data["subjects"] = np.asarray(["cust-1" if str(i) in train[:4] else "" for i in data["ids"]])
-    np.savez(tmp_path / "subj.npz", **data)
-    with deployment.sessions() as s:
-        datasets.register_dataset(s, name="subj", kind="npz", uri=str(tmp_path / "subj.npz"), actor="fuzz")
-    deployment.dataset = "subj"
+    deployment.register_with_subjects("subj", {"cust-1": train[:4]})
     deployment.upload_model("s")
     erasure = _erasure(str(uuid.uuid4()))
     with deployment.sessions() as s:

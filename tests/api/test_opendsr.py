@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -24,30 +23,19 @@ from sqlalchemy import func, select
 
 from app.db.models import AuditEvent, CallbackDelivery, DeletionRequest, Job, OpendsrRequest
 from app.main import create_app
-from app.services import callbacks, datasets, jobs
+from app.services import callbacks, jobs
 from app.services.opendsr_status import derive_status
 
 # In the tiny dataset sample i is `train` when i % 40 < 30.
 OWNERS = {"cust-1": ["s0000", "s0001", "s0002"], "cust-2": ["s0040", "s0041"], "cust-test": ["s0035"]}
 
 
-def _register_subjects(dep: Any, tmp_path: Path, name: str = "subj") -> None:
-    data = dict(np.load(dep.dataset_path))
-    owner = {s: subject for subject, ids in OWNERS.items() for s in ids}
-    data["subjects"] = np.asarray([owner.get(str(i), "") for i in data["ids"]])
-    path = tmp_path / f"{name}.npz"
-    np.savez(path, **data)
-    with dep.sessions() as s:
-        datasets.register_dataset(s, name=name, kind="npz", uri=str(path), actor="test")
-
-
 @pytest.fixture
 def api(deployment: Any, tmp_path: Path) -> Iterator[tuple[TestClient, Any]]:
     """Lethe over HTTP with an `opendsr`-scoped key; models `a` and `b` on a dataset with
     subjects, `plain` on one without."""
-    _register_subjects(deployment, tmp_path)
     deployment.upload_model("plain")
-    deployment.dataset = "subj"
+    deployment.register_with_subjects("subj", OWNERS)
     deployment.upload_model("a")
     deployment.upload_model("b")
     with TestClient(create_app(deployment.settings)) as client:

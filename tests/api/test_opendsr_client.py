@@ -4,24 +4,20 @@ with `cryptography` alone, while the test plays the worker and the delivery loop
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
-import uvicorn
+from live_server import serve
 from sqlalchemy import select
 
 from app.db.models import DeletionRequest
-from app.main import create_app
-from app.services import callbacks, datasets, jobs
+from app.services import callbacks, jobs
 
 CLIENT = Path(__file__).resolve().parents[2] / "docs" / "opendsr_client.py"
 
@@ -31,28 +27,10 @@ def live(sqlite_deployment: Any, tmp_path: Path) -> Iterator[tuple[str, Any]]:
     """The API on a loopback port (uvicorn in a thread), model `m` on a dataset whose first
     three samples belong to subject `cust-7`."""
     dep = sqlite_deployment
-    data = dict(np.load(dep.dataset_path))
-    data["subjects"] = np.asarray(["cust-7" if i < 3 else "" for i in range(len(data["ids"]))])
-    np.savez(tmp_path / "subj.npz", **data)
-    with dep.sessions() as s:
-        datasets.register_dataset(s, name="subj", kind="npz", uri=str(tmp_path / "subj.npz"), actor="t")
-    dep.dataset = "subj"
+    dep.register_with_subjects("subj", {"cust-7": ["s0000", "s0001", "s0002"]})
     dep.upload_model("m")
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(dep.settings), log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", dep
-    finally:
-        server.should_exit = True
-        thread.join(15)
-        sock.close()
+    with serve(dep.settings) as base:
+        yield base, dep
 
 
 def _job_of_the_erasure(dep: Any, deadline: float) -> str:

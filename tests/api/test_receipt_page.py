@@ -11,18 +11,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
+from live_server import serve
 
 from app.cli import main as cli_main
-from app.main import create_app
 from app.services import jobs
 
 CHROMIUM = "/usr/bin/chromium"
@@ -91,24 +87,8 @@ def _finish(dep: Any, ids: list[str], checkpoint: bytes, **evidence: Any) -> str
 @pytest.fixture
 def live(sqlite_deployment: Any) -> Iterator[tuple[str, Any]]:
     """The API on a loopback port, served by uvicorn in a thread."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(sqlite_deployment.settings), log_level="warning", lifespan="on")
-    )
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}", sqlite_deployment
-    finally:
-        server.should_exit = True
-        thread.join(15)
-        sock.close()
+    with serve(sqlite_deployment.settings) as base:
+        yield base, sqlite_deployment
 
 
 def test_cli_fetches_a_receipt_and_verifies_it_against_the_served_keys(

@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
@@ -25,7 +24,7 @@ from app.db.models import (
 )
 from app.errors import DatasetWithoutSubjects, DuplicateSubjectIds, InvalidInput
 from app.main import create_app
-from app.services import datasets, jobs
+from app.services import jobs
 
 # In the tiny dataset sample i is `train` when i % 40 < 30.
 SUBJECTS = {
@@ -40,18 +39,6 @@ TRAIN_OF = {
 }
 
 
-def _with_subjects(dep: Any, tmp_path: Path, name: str = "subj") -> None:
-    """Register the tiny dataset again with `SUBJECTS` as `name` and make it the default."""
-    data = dict(np.load(dep.dataset_path))
-    owner = {s: subject for subject, ids in SUBJECTS.items() for s in ids}
-    data["subjects"] = np.asarray([owner.get(str(i), "") for i in data["ids"]])
-    path = tmp_path / f"{name}.npz"
-    np.savez(path, **data)
-    with dep.sessions() as s:
-        datasets.register_dataset(s, name=name, kind="npz", uri=str(path), actor="test")
-    dep.dataset = name
-
-
 def _digest(values: list[str]) -> str:
     return hashlib.sha256("\n".join(sorted(values)).encode()).hexdigest()
 
@@ -62,8 +49,8 @@ def _count(dep: Any, model: Any, *where: Any) -> int:
 
 
 def test_subjects_are_stored_hashed_with_a_key_per_dataset(deployment: Any, tmp_path: Path) -> None:
-    _with_subjects(deployment, tmp_path, "subj")
-    _with_subjects(deployment, tmp_path, "subj2")
+    deployment.register_with_subjects("subj", SUBJECTS)
+    deployment.register_with_subjects("subj2", SUBJECTS)
     with deployment.sessions() as s:
         rows = {d.name: d for d in s.scalars(select(DatasetRow))}
         stored = s.execute(
@@ -88,7 +75,7 @@ def test_subjects_are_stored_hashed_with_a_key_per_dataset(deployment: Any, tmp_
 
 
 def test_a_subject_is_looked_up_by_split_over_http(deployment: Any, tmp_path: Path) -> None:
-    _with_subjects(deployment, tmp_path)
+    deployment.register_with_subjects("subj", SUBJECTS)
     with TestClient(create_app(deployment.settings)) as client:
         client.headers["Authorization"] = f"Bearer {deployment.admin_key}"
         alice = client.get("/v1/datasets/subj/subjects/alice@example.com")
@@ -109,7 +96,7 @@ def test_a_subject_is_looked_up_by_split_over_http(deployment: Any, tmp_path: Pa
 
 
 def test_a_request_by_subject_resolves_to_its_training_samples(deployment: Any, tmp_path: Path) -> None:
-    _with_subjects(deployment, tmp_path)
+    deployment.register_with_subjects("subj", SUBJECTS)
     deployment.upload_model("m")
     sub = deployment.submit("m", [], subject_ids=["alice@example.com", "bob"], subject_ref="dsr-9")
     body = sub.body
@@ -137,7 +124,7 @@ def test_a_request_by_subject_resolves_to_its_training_samples(deployment: Any, 
 
 
 def test_samples_and_subjects_together_are_counted_once(deployment: Any, tmp_path: Path) -> None:
-    _with_subjects(deployment, tmp_path)
+    deployment.register_with_subjects("subj", SUBJECTS)
     deployment.upload_model("m")
     sub = deployment.submit("m", ["s0001", "s0010"], subject_ids=["alice@example.com"])
     assert sub.body["sample_count"] == 6
@@ -146,7 +133,7 @@ def test_samples_and_subjects_together_are_counted_once(deployment: Any, tmp_pat
 
 
 def test_a_subject_without_training_samples_succeeds_at_once(deployment: Any, tmp_path: Path) -> None:
-    _with_subjects(deployment, tmp_path)
+    deployment.register_with_subjects("subj", SUBJECTS)
     deployment.upload_model("m")
     sub = deployment.submit("m", None, subject_ids=["carol", "unknown-person"])
     body = sub.body
@@ -169,7 +156,7 @@ def test_subject_refusals_lose_nothing(deployment: Any, tmp_path: Path) -> None:
     with pytest.raises(DatasetWithoutSubjects) as err:
         deployment.submit("plain", None, subject_ids=["alice@example.com"])
     assert err.value.status == 422 and err.value.code == "dataset_without_subjects"
-    _with_subjects(deployment, tmp_path)
+    deployment.register_with_subjects("subj", SUBJECTS)
     deployment.upload_model("m")
     with pytest.raises(DuplicateSubjectIds):
         deployment.submit("m", None, subject_ids=["bob", "bob"])
@@ -182,7 +169,7 @@ def test_subject_refusals_lose_nothing(deployment: Any, tmp_path: Path) -> None:
 def test_a_forgotten_subject_is_tombstoned_for_the_lineage(
     deployment: Any, tmp_path: Path, make_checkpoint: Any
 ) -> None:
-    _with_subjects(deployment, tmp_path)
+    deployment.register_with_subjects("subj", SUBJECTS)
     deployment.upload_model("m")
     first = deployment.submit("m", None, subject_ids=["bob"])
     with deployment.sessions() as s:
