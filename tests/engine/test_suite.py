@@ -12,13 +12,16 @@ from engine.suite import (
     CONFIGURATIONS,
     FLOOR_LABEL,
     QUICK_CONFIGURATIONS,
+    Configuration,
     class_subset,
     format_report,
     noisy_labels,
     parse_variant,
+    run_suite,
     subsample_train,
     target_rows,
 )
+from engine.training import Recipe
 
 
 def _dataset(n: int = 200, classes: int = 4) -> Dataset:
@@ -120,3 +123,38 @@ def test_a_time_ratio_against_a_retrain_timed_elsewhere_is_not_reported() -> Non
     (row,) = target_rows(records)
     assert row["time_ratio"] is None and row["time_ok"] is False
     assert "n/a (retrain timed in another run)" in format_report(records)
+
+
+def test_the_flag_rate_target_holds_only_inside_retrains_interval_on_every_seed() -> None:
+    records = [_rec("retrain", "random", 0, 0.0), _rec("retrain", "random", 1, 0.0),
+               _rec("feature_constraint", "random", 0, 0.5, flag_forget=0.04,
+                    retrain_flag_forget=0.03, retrain_flag_forget_interval=[0.01, 0.07]),
+               _rec("feature_constraint", "random", 1, 0.5, flag_forget=0.20,
+                    retrain_flag_forget=0.05, retrain_flag_forget_interval=[0.02, 0.10])]
+    (row,) = target_rows(records)
+    assert row["flag_inside"] == 1 and row["flag_ok"] is False
+    assert row["flag_forget"] == [4.0, 20.0] and row["retrain_flag_forget"] == [3.0, 5.0]
+    assert "inside on 1 of 2 seeds" in format_report(records)
+    (row,) = target_rows(records[:3])
+    assert row["flag_ok"] is True
+    assert "not run (no references)" in format_report([_rec("retrain", "small", 0, 0.0),
+                                                        _rec("feature_constraint", "small", 0, 0.1)])
+
+
+def test_with_references_every_run_is_scored_by_the_per_sample_test(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(CONFIGURATIONS, "n300", Configuration("n300", arch="mlp", train_size=300))
+    records = run_suite(configurations=["n300"], scenarios=["small"], seeds=1,
+                        variants=[("finetune", "finetune", {"epochs": 1})],
+                        recipe=Recipe(epochs=1), cache=tmp_path, device="cpu", references=2)
+    cost, retrain, finetune = records
+    assert cost["method"] == "references" and cost["k"] == 2 and cost["configuration"] == "n300"
+    assert set(cost["amortised_seconds"]) == {"10", "100", "1000"}
+    assert retrain["flag_forget"] is not None and finetune["flag_forget"] is not None
+    assert finetune["retrain_flag_forget_interval"] == retrain["flag_forget_interval"]
+    report = format_report(records)
+    assert "one-time cost per base model" in report and "| n300 | 2 |" in report
+    # Resumed, nothing runs again and the cost is not recorded twice.
+    assert run_suite(configurations=["n300"], scenarios=["small"], seeds=1,
+                     variants=[("finetune", "finetune", {"epochs": 1})], recipe=Recipe(epochs=1),
+                     cache=tmp_path, device="cpu", references=2, done=records) == records
