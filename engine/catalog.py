@@ -225,6 +225,8 @@ METHODS: dict[str, MethodSpec] = {
                 _batch("forget_batch_size", 128),
                 _optimizer("sgd"),
                 _lr(0.001),
+                _positive("absent_lr_factor", "number", 3.0, 100,
+                          "learning rate factor for a whole class gone (lr * factor ** absent fraction)"),
                 _momentum(0.9),
                 _epochs("max_epochs", 5.0),
                 Option("min_steps", "integer", 3, "updates before a stop or a selection",
@@ -242,6 +244,8 @@ METHODS: dict[str, MethodSpec] = {
                               "retained accuracy the dampening may cost"),
                 Option("dampen_backoff", "integer", 3, "selections tried after the first, each "
                        "twice as strict, before dampening is given up", minimum=0, maximum=20),
+                _count("dampen_full_samples", None, "training samples the dampening's importance "
+                       "on the training set is estimated on (None: all)", nullable=True),
                 Option("per_sample_targets", "boolean", False,
                        "with the model's reference statistics, push forget samples that models "
                        "which never saw them misclassify down to their own expected score"),

@@ -334,7 +334,8 @@ def _dampen_absent(ctx: UnlearnContext, model: Classifier, cfg: FeatureConstrain
     keeps retained samples classified (at most `dampen_max_drop` lost on a probe)."""
     from engine.methods.ssd import SelectiveSynapticDampening, dampen
 
-    imp = SelectiveSynapticDampening().importances(ctx, ctx.student())
+    ssd = SelectiveSynapticDampening(full_max_samples=cfg.dampen_full_samples)
+    imp = ssd.importances(ctx, ctx.student())
     # A parameter only the forget set uses has an importance ratio of about |D| / |Df| (its
     # importance on D is diluted by the forget set's share); SSD's alpha is set relative to
     # that ceiling, so it means the same on 4 classes as on 100.
@@ -406,6 +407,9 @@ class FeatureConstraintConfig:
     forget_batch_size: int = 128
     optimizer: str = "sgd"
     lr: float = 0.001
+    # The learning rate is lr * absent_lr_factor ** (fraction of forget samples whose class is
+    # gone): 3x for a whole class, lr itself for sample deletions (docs/robustness.md).
+    absent_lr_factor: float = 3.0
     momentum: float = 0.9
     max_epochs: float = 5.0
     min_steps: int = 3  # updates before the method may stop or select a checkpoint
@@ -425,6 +429,9 @@ class FeatureConstraintConfig:
     dampen_max_drop: float = 0.05  # largest fall in retained accuracy dampening may cause
     # Selections tried after the first, each twice as strict, before giving dampening up.
     dampen_backoff: int = 3
+    # The training-set importance I_D is a mean over batches: estimated on at most this many
+    # training samples (a uniform subsample; None: all of them).
+    dampen_full_samples: int | None = None
     # With the model's reference statistics: push forget samples that models which never saw
     # them misclassify down to their own expected score (`SampleTargets`). Off by default: on
     # mnist5k (random, seed 0) it damaged retained accuracy (docs/robustness.md).
@@ -452,8 +459,8 @@ class FeatureConstraintConfig:
             raise InvalidInput(f"feature_loss must be one of {FEATURE_LOSSES}")
         if not 0 < self.recovery_fraction <= 1:
             raise InvalidInput("recovery_fraction must be in (0, 1]")
-        if self.lr <= 0 or self.max_epochs <= 0 or self.batch_size < 1:
-            raise InvalidInput("lr, max_epochs and batch_size must be positive")
+        if self.lr <= 0 or self.max_epochs <= 0 or self.batch_size < 1 or self.absent_lr_factor <= 0:
+            raise InvalidInput("lr, absent_lr_factor, max_epochs and batch_size must be positive")
         if self.budget_floor < 0:
             raise InvalidInput("budget_floor must be >= 0")
         if self.dampen_backoff < 0:
@@ -487,9 +494,11 @@ class FeatureConstraint(Method[FeatureConstraintConfig]):
                    if cfg.per_sample_targets and ctx.reference_stats is not None else None)
 
         balancer = make_balancer(cfg.balancer, device=ctx.device, shared=_last_shared_parameter(model))
+        # Classes that are gone need far more forgetting than samples: the step size grows
+        # with the absent fraction, as the pressure does.
+        lr = cfg.lr * cfg.absent_lr_factor ** float(monitor.absent.mean())
         opt = make_optimizer(
-            [*model.parameters(), *balancer.parameters()], cfg.optimizer, cfg.lr,
-            momentum=cfg.momentum,
+            [*model.parameters(), *balancer.parameters()], cfg.optimizer, lr, momentum=cfg.momentum,
         )
         forget_bs = min(cfg.forget_batch_size, len(ctx.forget_idx))
         window = math.ceil(len(ctx.forget_idx) / forget_bs)  # one pass over the forget set
@@ -626,6 +635,7 @@ class FeatureConstraint(Method[FeatureConstraintConfig]):
                 "absent_fraction": float(monitor.absent.mean()),
                 "loss_threshold": monitor.loss_threshold,
                 "recovery_size": int(len(recovery_idx)),
+                "lr": lr,
                 **({"targeted": int(targets.targeted.sum()),
                     "targets_open": int((targets.targeted & ~targets.on_target).sum())}
                    if targets is not None else {}),

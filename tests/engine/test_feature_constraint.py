@@ -293,3 +293,23 @@ def test_dampening_backs_off_to_stricter_selections_until_the_guard_passes(probl
         untouched.parameters(), problem.original.parameters(), strict=True))
     with pytest.raises(InvalidInput):
         FeatureConstraintConfig(dampen_backoff=-1)
+
+
+def test_a_class_gone_takes_larger_steps_and_sample_deletions_keep_the_learning_rate(problem: Problem):
+    ds = problem.data.dataset
+    train = ds.train_indices
+    gone = train[ds.labels[train] == 1]
+    options = {"batch_size": 32, "forget_batch_size": 128, "dampen_absent": 0.0}
+    runs = {f: make_method("feature_constraint", {**options, "absent_lr_factor": f}).run(
+        problem.context(forget_idx=gone)) for f in (1.0, 3.0)}
+    assert runs[1.0].extra["lr"] == pytest.approx(0.001)
+    assert runs[3.0].extra["lr"] == pytest.approx(0.003)
+    # Within the same budget (no dampening here), the larger steps forget the class where
+    # the plain ones leave much of it recognised, and the other classes are kept.
+    assert runs[3.0].steps == runs[1.0].steps
+    assert problem.acc(runs[3.0].model, gone) <= 0.1
+    assert problem.acc(runs[1.0].model, gone) >= 0.3
+    others = problem.test_idx[ds.labels[problem.test_idx] != 1]
+    assert problem.acc(runs[3.0].model, others) >= 0.85
+    sample = make_method("feature_constraint", {**OPTIONS, "absent_lr_factor": 3.0}).run(problem.context())
+    assert sample.extra["lr"] == pytest.approx(OPTIONS["lr"])
