@@ -220,6 +220,8 @@ METHODS: dict[str, MethodSpec] = {
                 Option("balancer", "string", "dwa", "loss-balancing scheme", choices=BALANCERS),
                 Option("feature_loss", "string", "mse", choices=FEATURE_LOSSES),
                 _fraction("recovery_fraction", 0.1, "share of the retain pool used for recovery"),
+                _fraction("absent_recovery_fraction", 0.5, "that share when a whole class is gone "
+                          "(in proportion to the forget samples whose class is gone)"),
                 _count("recovery_count", None, "a fixed recovery subset size instead", nullable=True),
                 _batch("batch_size", 64),
                 _batch("forget_batch_size", 128),
@@ -260,6 +262,12 @@ METHODS: dict[str, MethodSpec] = {
                 Option("recovery_gate", "boolean", True,
                        "when a class is gone, recovery must also hold on retained samples the "
                        "recovery does not train on"),
+                _non_negative("gate_tolerance", 0.01, 1, "retained accuracy the recovery gate may "
+                              "find below the original's"),
+                Option("recovery_lr", "number", None, "learning rate of recovery-only steps "
+                       "(None: the run's)", nullable=True, exclusive_minimum=0, maximum=10),
+                _positive("saliency_mask", "number", 1.0, 1, "fraction of the weights updated: "
+                          "those where the forget loss's gradient is largest (1: all)"),
             ),
         ),
         MethodSpec(

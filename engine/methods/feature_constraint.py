@@ -362,6 +362,26 @@ def _dampen_absent(ctx: UnlearnContext, model: Classifier, cfg: FeatureConstrain
             "dampening_rejected": True}
 
 
+def saliency_masks(ctx: UnlearnContext, model: Classifier, fraction: float,
+                   batch_size: int = 64) -> list[Tensor]:
+    """SalUn's weight saliency (Fan et al., ICLR 2024): the magnitude of the forget loss's
+    gradient at `model`, averaged over the forget set, and a 0/1 mask per parameter keeping
+    the `fraction` of all weights where it is largest (one threshold over the whole model,
+    as their mask generation does)."""
+    probe = copy.deepcopy(model).eval()
+    params = [p for p in probe.parameters() if p.requires_grad]
+    grads = [torch.zeros_like(p) for p in params]
+    for x, y in ctx.data.batches(ctx.forget_idx, batch_size):
+        with autocast(ctx.device):
+            loss = nn.functional.cross_entropy(probe(x).float(), y, reduction="sum")
+        for g, d in zip(grads, torch.autograd.grad(loss, params), strict=True):
+            g.add_(d.float())
+    magnitude = torch.cat([g.abs().flatten() for g in grads])
+    keep = max(1, round(fraction * magnitude.numel()))
+    threshold = torch.topk(magnitude, keep, sorted=False).values.min()
+    return [(g.abs() >= threshold).to(p.dtype) for g, p in zip(grads, params, strict=True)]
+
+
 class _RecoveryGate:
     """Retained accuracy measured on retained samples the recovery does not train on, against
     the original's accuracy on the same samples (checked at most once per `window` steps)."""
@@ -371,7 +391,7 @@ class _RecoveryGate:
         outside = np.setdiff1d(ctx.retain_idx, recovery_idx)
         self.idx = ctx.generator(salt=13).permutation(outside if len(outside) else ctx.retain_idx)[
             : cfg.heldout_probe]
-        self.ctx, self.model, self.tolerance = ctx, model, cfg.tolerance
+        self.ctx, self.model, self.tolerance = ctx, model, cfg.gate_tolerance
         self.target = accuracy(infer(ctx.original, ctx.data, self.idx))
         self.every = max(1, math.ceil(len(ctx.forget_idx) / min(cfg.forget_batch_size, len(ctx.forget_idx))))
         self.checked_at: int | None = None
@@ -384,6 +404,11 @@ class _RecoveryGate:
         self.last = accuracy(infer(self.model, self.ctx.data, self.idx))
         freeze_batchnorm(self.model)  # `infer` put the model back in train mode
         return self.last >= self.target - self.tolerance
+
+    @property
+    def shortfall(self) -> float:
+        """How far below the original the last check found retained accuracy (0 before any)."""
+        return 0.0 if self.last is None else max(0.0, self.target - self.last)
 
 
 def _window_means(history: list[dict[str, Any]]) -> dict[str, float]:
@@ -402,6 +427,9 @@ class FeatureConstraintConfig:
     balancer: str = "dwa"
     feature_loss: str = "mse"
     recovery_fraction: float = 0.1
+    # The recovery subset when a whole class is gone: recovering from the push a class needs
+    # takes tens of steps, and on a tenth of the pool they overfit it (docs/robustness.md).
+    absent_recovery_fraction: float = 0.5
     recovery_count: int | None = None
     batch_size: int = 64
     forget_batch_size: int = 128
@@ -451,20 +479,30 @@ class FeatureConstraintConfig:
     # recovery batches are trained on, so their accuracy overstates the retain pool's, and
     # after the strong push a class needs the difference is points (docs/robustness.md).
     recovery_gate: bool = True
+    # Tolerance of the recovery gate: retained accuracy on its samples at most this far below
+    # the original's.
+    gate_tolerance: float = 0.01
+    # Learning rate of the steps spent on recovery alone (None: the run's learning rate).
+    recovery_lr: float | None = None
+    # SalUn's saliency mask: only this fraction of the weights (those where the forget loss's
+    # gradient at the start is largest) is updated; 1.0: every weight (off).
+    saliency_mask: float = 1.0
 
     def __post_init__(self) -> None:
         if self.balancer not in BALANCERS:
             raise InvalidInput(f"balancer must be one of {BALANCERS}")
         if self.feature_loss not in FEATURE_LOSSES:
             raise InvalidInput(f"feature_loss must be one of {FEATURE_LOSSES}")
-        if not 0 < self.recovery_fraction <= 1:
-            raise InvalidInput("recovery_fraction must be in (0, 1]")
+        if not (0 < self.recovery_fraction <= 1 and 0 < self.absent_recovery_fraction <= 1):
+            raise InvalidInput("recovery_fraction and absent_recovery_fraction must be in (0, 1]")
         if self.lr <= 0 or self.max_epochs <= 0 or self.batch_size < 1 or self.absent_lr_factor <= 0:
             raise InvalidInput("lr, absent_lr_factor, max_epochs and batch_size must be positive")
         if self.budget_floor < 0:
             raise InvalidInput("budget_floor must be >= 0")
         if self.dampen_backoff < 0:
             raise InvalidInput("dampen_backoff must be >= 0")
+        if not 0 < self.saliency_mask <= 1:
+            raise InvalidInput("saliency_mask must be in (0, 1]")
         if self.min_steps < 1:
             raise InvalidInput("min_steps must be >= 1: the original model is never a result")
 
@@ -474,9 +512,14 @@ class FeatureConstraint(Method[FeatureConstraintConfig]):
     Config = FeatureConstraintConfig
 
     def recovery_subset(self, ctx: UnlearnContext) -> npt.NDArray[np.int64]:
-        """Dr': a random subset of the retain pool (a count, or a fraction of it)."""
+        """Dr': a random subset of the retain pool (a count, or a fraction of it: from
+        `recovery_fraction` for sample deletions to `absent_recovery_fraction` for a class gone,
+        in proportion to the forget samples whose class is gone)."""
         cfg = self.config
-        n = cfg.recovery_count or math.ceil(cfg.recovery_fraction * len(ctx.retain_idx))
+        labels = ctx.data.dataset.labels
+        absent = float(np.mean(~np.isin(labels[ctx.forget_idx], labels[ctx.retain_idx])))
+        fraction = cfg.recovery_fraction + absent * (cfg.absent_recovery_fraction - cfg.recovery_fraction)
+        n = cfg.recovery_count or math.ceil(fraction * len(ctx.retain_idx))
         n = max(1, min(n, len(ctx.retain_idx)))
         return np.sort(ctx.generator(salt=1).choice(ctx.retain_idx, size=n, replace=False))
 
@@ -500,6 +543,7 @@ class FeatureConstraint(Method[FeatureConstraintConfig]):
         opt = make_optimizer(
             [*model.parameters(), *balancer.parameters()], cfg.optimizer, lr, momentum=cfg.momentum,
         )
+        masks = saliency_masks(ctx, model, cfg.saliency_mask) if cfg.saliency_mask < 1 else None
         forget_bs = min(cfg.forget_batch_size, len(ctx.forget_idx))
         window = math.ceil(len(ctx.forget_idx) / forget_bs)  # one pass over the forget set
         rng = ctx.generator(salt=2)
@@ -511,7 +555,7 @@ class FeatureConstraint(Method[FeatureConstraintConfig]):
         position = {int(i): k for k, i in enumerate(ctx.forget_idx)}
 
         history: list[dict[str, Any]] = []
-        best: tuple[float, int, dict[str, Tensor]] | None = None
+        best: tuple[float, int, dict[str, Tensor], bool] | None = None
         stopped_at = None
         # Samples of a class the retain pool no longer carries must be forgotten outright;
         # samples of a present class only need to look unseen. Start pushing accordingly.
@@ -590,13 +634,23 @@ class FeatureConstraint(Method[FeatureConstraintConfig]):
                 recovered = gate.passes(step)
                 if gate.last is not None:
                     stats["gate_acc"] = gate.last
+                    stats["gate_measured"] = gate.checked_at == step
             if monitor.complete:
-                gap = (monitor.distance() + max(0.0, monitor.retain_acc - retain_acc)
+                # Retained accuracy short of the original's: on the recovery batches, and with
+                # a gate on its samples too, whichever says more (the batches are trained on
+                # and overstate it).
+                measured = gate is None or gate.checked_at == step
+                retain_short = max(0.0, monitor.retain_acc - retain_acc,
+                                   gate.shortfall if gate is not None else 0.0)
+                gap = (monitor.distance() + retain_short
                        + (targets.distance() if targets is not None else 0.0))
                 # Candidates are the models the stopping rule could also have returned (after
-                # `min_steps` updates): never the untouched original.
-                if updates >= cfg.min_steps and (best is None or gap < best[0]):
-                    best = (gap, updates, copy.deepcopy(model.state_dict()))
+                # `min_steps` updates): never the untouched original; with a gate, only those
+                # it has just measured (until it has measured one, any).
+                candidate = measured or best is None or not best[3]
+                if updates >= cfg.min_steps and candidate and (
+                        best is None or (measured and not best[3]) or gap < best[0]):
+                    best = (gap, updates, copy.deepcopy(model.state_dict()), measured)
                 if step % window == 0:  # a full pass since the last look: is forgetting stalling?
                     if last_pass_gap is not None and gap > cfg.stall_ratio * last_pass_gap:
                         pressure = min(pressure * 2.0, cfg.max_pressure)
@@ -607,14 +661,22 @@ class FeatureConstraint(Method[FeatureConstraintConfig]):
                 stopped_at = updates
                 history.append({"step": step, **stats, "stopped": True})
                 break
-            # Forgotten but not yet recovered: spend the step on recovery alone.
-            active_pressure = 0.0 if forgotten and cfg.early_stop else pressure
+            # Forgotten but not yet recovered: spend the step on recovery alone (at
+            # `recovery_lr` when set: the large steps that forget a class overshoot here).
+            recovering = forgotten and cfg.early_stop
+            active_pressure = 0.0 if recovering else pressure
+            for group in opt.param_groups:
+                group["lr"] = cfg.recovery_lr if recovering and cfg.recovery_lr else lr
 
             pushed = {"forget": active_pressure * losses["forget"], "recover": losses["recover"]}
             balancer.before_backward(pushed)
             objective = balancer.combine(pushed)
             opt.zero_grad(set_to_none=True)
             objective.backward()  # type: ignore[no-untyped-call]
+            if masks is not None:
+                for p, m in zip((p for p in model.parameters() if p.requires_grad), masks, strict=True):
+                    if p.grad is not None:
+                        p.grad.mul_(m)
             opt.step()
 
             weights = balancer.weights()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from tiny_problem import NUM_CLASSES, RECIPE, Problem
 
 from engine.errors import Cancelled, InvalidInput
 from engine.methods import DEFAULT_METHOD, make_method
-from engine.methods.feature_constraint import ForgetMonitor, forget_monitor
+from engine.methods.feature_constraint import ForgetMonitor, forget_monitor, saliency_masks
 from engine.runtime import Reporter
 from engine.unlearning import check_partition
 
@@ -313,3 +314,42 @@ def test_a_class_gone_takes_larger_steps_and_sample_deletions_keep_the_learning_
     assert problem.acc(runs[3.0].model, others) >= 0.85
     sample = make_method("feature_constraint", {**OPTIONS, "absent_lr_factor": 3.0}).run(problem.context())
     assert sample.extra["lr"] == pytest.approx(OPTIONS["lr"])
+
+
+def test_a_saliency_mask_updates_only_the_weights_the_forget_loss_leans_on(problem: Problem):
+    ctx = problem.context()
+    masks = saliency_masks(ctx, ctx.student(), 0.2)
+    kept, total = sum(int(m.sum()) for m in masks), sum(m.numel() for m in masks)
+    assert 0.19 <= kept / total <= 0.21
+    out = make_method("feature_constraint", {**OPTIONS, "saliency_mask": 0.2, "early_stop": False}).run(ctx)
+    moved = 0
+    for before, after, m in zip(problem.original.parameters(), out.model.parameters(), masks, strict=True):
+        assert torch.equal(before[m == 0], after[m == 0])  # outside the mask: untouched
+        moved += int((before != after).sum())
+    assert 0 < moved <= kept
+    assert problem.acc(out.model, problem.forget_idx) < 1.0
+    with pytest.raises(InvalidInput):
+        make_method("feature_constraint", {"saliency_mask": 0.0})
+
+
+def test_a_class_gone_recovers_on_a_larger_slice_and_returns_a_checkpoint_the_gate_measured(
+        problem: Problem):
+    ds = problem.data.dataset
+    train = ds.train_indices
+    gone = train[ds.labels[train] == 1]
+    ctx = problem.context(forget_idx=gone)
+    method = make_method("feature_constraint", {"batch_size": 32, "forget_batch_size": 128,
+                                                "gate_tolerance": 0.0})
+    assert len(method.recovery_subset(ctx)) == math.ceil(0.5 * len(ctx.retain_idx))
+    sample_ctx = problem.context()
+    assert len(method.recovery_subset(sample_ctx)) == math.ceil(0.1 * len(sample_ctx.retain_idx))
+    # A gate that never passes (the original's accuracy exactly, on samples the recovery does
+    # not train on): the budget runs out and a checkpoint is selected. The recovery batches
+    # looked recovered before the gate's first measurement, but only a measured checkpoint is
+    # returned.
+    out = method.run(ctx)
+    assert not out.extra["stopped_early"]
+    by_step = {h["step"]: h for h in out.history}
+    measured = [s for s, h in by_step.items() if h.get("gate_measured")]
+    assert measured and by_step[out.extra["selected_step"] + 1].get("gate_measured")
+    assert any(s - 1 >= 3 for s in by_step if s < measured[0])  # earlier steps were eligible before
