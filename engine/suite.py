@@ -18,7 +18,9 @@ original model for each (configuration, seed) is trained once and cached like th
 Records (JSON, one per configuration, method, scenario and seed) are written after every run,
 so an interrupted suite keeps what it measured, and `--resume` skips what is already there.
 The report: per configuration and scenario, mean ± std over seeds with the per-seed values,
-and the default method against the BENCHMARKS.md targets.
+and the default method against the BENCHMARKS.md targets. With `--references K` every run is
+also scored by the per-sample test (the flag-rate target), and the references' one-time cost
+is reported per configuration.
 
 `--quick` is the development subset: `n1000`, `noise5` and `mlp`, 2 seeds.
 """

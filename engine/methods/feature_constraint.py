@@ -675,7 +675,7 @@ class FeatureConstraint(Method[FeatureConstraintConfig]):
                 history.append({"step": step, **stats, "stopped": True})
                 break
             # Forgotten but not yet recovered: spend the step on recovery alone (at
-            # `recovery_lr` when set: the large steps that forget a class overshoot here).
+            # `recovery_lr` when set).
             recovering = forgotten and cfg.early_stop
             active_pressure = 0.0 if recovering else pressure
             for group in opt.param_groups:
