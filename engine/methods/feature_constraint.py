@@ -297,6 +297,13 @@ def _loss_threshold(member: npt.NDArray[np.float64], nonmember: npt.NDArray[np.f
     return -b / a
 
 
+def absent_classes(ctx: UnlearnContext) -> npt.NDArray[np.bool_]:
+    """Per forget sample: whether no retained sample carries its class (the class is gone)."""
+    labels = ctx.data.dataset.labels
+    absent: npt.NDArray[np.bool_] = ~np.isin(labels[ctx.forget_idx], labels[ctx.retain_idx])
+    return absent
+
+
 def forget_monitor(ctx: UnlearnContext, recovery_idx: npt.NDArray[np.int64], probe: int,
                    *, match_accuracy: bool = False, match_losses_min: int | None = None) -> ForgetMonitor:
     """Measure the 'never trained on' reference with the original model (a few hundred forwards)."""
@@ -317,7 +324,7 @@ def forget_monitor(ctx: UnlearnContext, recovery_idx: npt.NDArray[np.int64], pro
     labels = ctx.data.dataset.labels
     h_labels = labels[heldout]
     f_labels = labels[ctx.forget_idx]
-    absent = ~np.isin(f_labels, labels[ctx.retain_idx])
+    absent = absent_classes(ctx)
     overall = float(h_member.mean())
     per_class = {int(c): float(h_member[h_labels == c].mean()) if (h_labels == c).any() else overall
                  for c in np.unique(f_labels)}
@@ -529,8 +536,7 @@ class FeatureConstraint(Method[FeatureConstraintConfig]):
         `recovery_fraction` for sample deletions to `absent_recovery_fraction` for a class gone,
         in proportion to the forget samples whose class is gone)."""
         cfg = self.config
-        labels = ctx.data.dataset.labels
-        absent = float(np.mean(~np.isin(labels[ctx.forget_idx], labels[ctx.retain_idx])))
+        absent = float(absent_classes(ctx).mean())
         fraction = cfg.recovery_fraction + absent * (cfg.absent_recovery_fraction - cfg.recovery_fraction)
         n = cfg.recovery_count or math.ceil(fraction * len(ctx.retain_idx))
         n = max(1, min(n, len(ctx.retain_idx)))
@@ -658,11 +664,9 @@ class FeatureConstraint(Method[FeatureConstraintConfig]):
                 gap = (monitor.distance() + retain_short
                        + (targets.distance() if targets is not None else 0.0))
                 # Candidates are the models the stopping rule could also have returned (after
-                # `min_steps` updates): never the untouched original; with a gate, only those
-                # it has just measured (until it has measured one, any).
-                candidate = measured or best is None or not best[3]
-                if updates >= cfg.min_steps and candidate and (
-                        best is None or (measured and not best[3]) or gap < best[0]):
+                # `min_steps` updates): never the untouched original. With a gate, one it has
+                # just measured outranks any it has not; among equals, the smaller gap wins.
+                if updates >= cfg.min_steps and (best is None or (measured, -gap) > (best[3], -best[0])):
                     best = (gap, updates, copy.deepcopy(model.state_dict()), measured)
                 if step % window == 0:  # a full pass since the last look: is forgetting stalling?
                     if last_pass_gap is not None and gap > cfg.stall_ratio * last_pass_gap:
