@@ -1,6 +1,6 @@
 """Verdicts judged on the stored per-sample evidence, through the worker with real runs.
 
-A model memorises 16 training samples whose labels are wrong for their image (only
+A model memorises 32 training samples whose labels are wrong for their image (only
 memorisation classifies them), its reference statistics are computed (K = 4), and two
 deletions of those samples are judged with the default policy:
 
