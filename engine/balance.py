@@ -133,6 +133,9 @@ class GradNorm(Balancer):
             self._initial = values.detach().clamp_min(1e-12)
         norms = []
         for i, k in enumerate(TASKS):
+            if not losses[k].requires_grad:  # a task that moves no weight this step
+                norms.append(self.w[i] * 0.0)
+                continue
             (g,) = torch.autograd.grad(losses[k], self.shared, retain_graph=True)
             norms.append(self.w[i] * g.detach().norm())
         g_norm = torch.stack(norms)

@@ -427,6 +427,34 @@ class _RecoveryGate:
         return 0.0 if self.last is None else max(0.0, self.target - self.last)
 
 
+def _forget_loss(kind: str, feats_f: Tensor, teacher_feats: Tensor, logits_f: Tensor,
+                 labels: Tensor, positions: npt.NDArray[np.int64], monitor: ForgetMonitor,
+                 targets: SampleTargets | None, *, population_done: bool) -> Tensor:
+    """The forget task's loss on one batch: the feature constraint, plus the push of each
+    per-sample target and of each loss-matched sample (the module docstring)."""
+    forget_loss = sample_feature_loss(kind, feats_f, teacher_feats).mean()
+    phi_f = label_confidence(logits_f, labels)
+    if targets is not None:
+        # Each targeted sample's score is pushed down to its own expected score.
+        off = torch.from_numpy(targets.off_target(positions)).to(phi_f.device)
+        expected = torch.from_numpy(targets.expected[positions]).to(phi_f)
+        scale = torch.from_numpy(targets.sigma[positions]).to(phi_f)
+        excess = ((torch.relu(phi_f - expected) / scale) * off).sum() / off.sum().clamp(min=1)
+        # Once the population looks unseen, only that push remains: the feature
+        # constraint moves shared features and would disturb the other samples.
+        forget_loss = excess if population_done else forget_loss + excess
+    if monitor.heldout_losses is not None and monitor.complete:
+        # Each present-class sample's loss up to the held-out loss at its own rank,
+        # in units of the held-out mean loss.
+        wanted = torch.from_numpy(monitor.loss_targets(positions)).to(phi_f)
+        has = ~torch.isnan(wanted)
+        ce = nn.functional.cross_entropy(logits_f, labels, reduction="none")
+        short = torch.relu(torch.nan_to_num(wanted) - ce) * has
+        push = short.sum() / has.sum().clamp(min=1) / max(float(monitor.heldout_losses.mean()), 1e-6)
+        forget_loss = push if population_done else forget_loss + push
+    return forget_loss
+
+
 def _window_means(history: list[dict[str, Any]]) -> dict[str, float]:
     steps = [h["losses"] for h in history if "losses" in h]
     return {k: float(np.mean([s[k] for s in steps])) for k in ("forget", "recover")}
@@ -589,6 +617,7 @@ class FeatureConstraint(Method[FeatureConstraintConfig]):
         total = max(cfg.min_steps, math.ceil(passes * (1.0 + absent)))
         last_pass_gap: float | None = None
         retain_acc: float | None = None
+        recovering = False  # whether the last step went to recovery alone
         gate = (_RecoveryGate(ctx, model, recovery_idx, cfg)
                 if cfg.recovery_gate and monitor.absent.any() else None)
         forget_order = rng.permutation(ctx.forget_idx)
@@ -607,11 +636,20 @@ class FeatureConstraint(Method[FeatureConstraintConfig]):
             xr, yr = ctx.data.batch(r_idx)
             tf = teacher_feats[[position[int(i)] for i in f_idx]]
             with autocast(ctx.device):
-                # One forward pass over both batches (BatchNorm is frozen, so it is exact).
-                feats_f, feats_r = torch.split(model.features(torch.cat([xf, xr])), [len(xf), len(xr)])
-                logits_r = model.head(feats_r)
-                per_sample = sample_feature_loss(cfg.feature_loss, feats_f.float(), tf)
-                logits_f = model.head(feats_f).float()
+                if recovering:
+                    # The previous step went to recovery alone, and so will this one unless
+                    # the forget set has drifted off target: its batch only feeds the monitor,
+                    # so it is read without a graph (read again with one on a drift, below).
+                    with torch.no_grad():
+                        feats_f = model.features(xf)
+                        logits_f = model.head(feats_f).float()
+                    logits_r = model.head(model.features(xr))
+                else:
+                    # One forward pass over both batches (BatchNorm is frozen, so it is exact).
+                    feats_f, feats_r = torch.split(model.features(torch.cat([xf, xr])),
+                                                   [len(xf), len(xr)])
+                    logits_r = model.head(feats_r)
+                    logits_f = model.head(feats_f).float()
             f_pos = np.asarray([position[int(i)] for i in f_idx])
             with torch.no_grad():
                 ce_f = nn.functional.cross_entropy(logits_f.detach(), yf, reduction="none")
@@ -619,33 +657,22 @@ class FeatureConstraint(Method[FeatureConstraintConfig]):
                                 ce_f.double().cpu().numpy())
                 batch_acc = float((logits_r.argmax(1) == yr).float().mean())
                 retain_acc = batch_acc if retain_acc is None else 0.7 * retain_acc + 0.3 * batch_acc
-            phi_f = label_confidence(logits_f, yf)
-            if targets is not None:
-                targets.observe(f_pos, phi_f.detach().double().cpu().numpy())
+                if targets is not None:
+                    targets.observe(f_pos, label_confidence(logits_f, yf).double().cpu().numpy())
             stats = {**monitor.stats(), "recover_acc": retain_acc,
                      **(targets.stats() if targets is not None else {})}
             population_done = monitor.complete and monitor.reached(cfg.tolerance)
             targets_done = targets is None or targets.distance() == 0.0
             forgotten = population_done and targets_done
-            forget_loss = per_sample.mean()
-            if targets is not None:
-                # Each targeted sample's score is pushed down to its own expected score.
-                off = torch.from_numpy(targets.off_target(f_pos)).to(per_sample.device)
-                expected = torch.from_numpy(targets.expected[f_pos]).to(phi_f)
-                scale = torch.from_numpy(targets.sigma[f_pos]).to(phi_f)
-                excess = ((torch.relu(phi_f - expected) / scale) * off).sum() / off.sum().clamp(min=1)
-                # Once the population looks unseen, only that push remains: the feature
-                # constraint moves shared features and would disturb the other samples.
-                forget_loss = excess if population_done else forget_loss + excess
-            if monitor.heldout_losses is not None and monitor.complete:
-                # Each present-class sample's loss up to the held-out loss at its own rank,
-                # in units of the held-out mean loss.
-                wanted = torch.from_numpy(monitor.loss_targets(f_pos)).to(phi_f)
-                has = ~torch.isnan(wanted)
-                ce = nn.functional.cross_entropy(logits_f, yf, reduction="none")
-                short = torch.relu(torch.nan_to_num(wanted) - ce) * has
-                push = short.sum() / has.sum().clamp(min=1) / max(float(monitor.heldout_losses.mean()), 1e-6)
-                forget_loss = push if population_done else forget_loss + push
+            # Forgotten but not yet recovered: the step goes to recovery alone (at
+            # `recovery_lr` when set).
+            recovering = forgotten and cfg.early_stop
+            if not recovering and not logits_f.requires_grad:
+                with autocast(ctx.device):
+                    feats_f = model.features(xf)
+                    logits_f = model.head(feats_f).float()
+            forget_loss = _forget_loss(cfg.feature_loss, feats_f.float(), tf, logits_f, yf, f_pos,
+                                       monitor, targets, population_done=population_done)
             losses = {"forget": forget_loss,
                       "recover": nn.functional.cross_entropy(logits_r.float(), yr)}
             recovered = retain_acc >= monitor.retain_acc - cfg.tolerance
@@ -678,9 +705,6 @@ class FeatureConstraint(Method[FeatureConstraintConfig]):
                 stopped_at = updates
                 history.append({"step": step, **stats, "stopped": True})
                 break
-            # Forgotten but not yet recovered: spend the step on recovery alone (at
-            # `recovery_lr` when set).
-            recovering = forgotten and cfg.early_stop
             active_pressure = 0.0 if recovering else pressure
             for group in opt.param_groups:
                 group["lr"] = cfg.recovery_lr if recovering and cfg.recovery_lr else lr
@@ -698,7 +722,8 @@ class FeatureConstraint(Method[FeatureConstraintConfig]):
 
             weights = balancer.weights()
             values = {k: float(v.detach()) for k, v in losses.items()}
-            history.append({"step": step, "losses": values, "weights": weights, **stats})
+            history.append({"step": step, "losses": values, "weights": weights,
+                            "recovering": recovering, **stats})
             ctx.step("unlearning", step, total, values, weights)
 
         steps = stopped_at if stopped_at is not None else total

@@ -353,3 +353,35 @@ def test_a_class_gone_recovers_on_a_larger_slice_and_returns_a_checkpoint_the_ga
     measured = [s for s, h in by_step.items() if h.get("gate_measured")]
     assert measured and by_step[out.extra["selected_step"] + 1].get("gate_measured")
     assert any(s - 1 >= 3 for s in by_step if s < measured[0])  # earlier steps were eligible before
+
+
+@pytest.mark.parametrize("balancer", ["dwa", "gradnorm"])
+def test_a_step_spent_on_recovery_alone_reads_the_forget_batch_without_a_graph(
+        problem: Problem, monkeypatch: pytest.MonkeyPatch, balancer: str):
+    ds = problem.data.dataset
+    train = ds.train_indices
+    ctx = problem.context(forget_idx=train[ds.labels[train] == 1])
+    # The gate never passes: after the class is forgotten, the run spends its budget on recovery.
+    method = make_method("feature_constraint", {"batch_size": 32, "forget_batch_size": 128,
+                                                "gate_tolerance": 0.0, "balancer": balancer})
+    forget_bs = min(128, len(ctx.forget_idx))
+    reads: list[tuple[int, bool]] = []  # (rows, graph) of every forward over the features
+    cls = type(ctx.original)
+    features = cls.features
+
+    def recorded(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if next(self.parameters()).requires_grad:  # the model being unlearned, not the teacher
+            reads.append((len(x), torch.is_grad_enabled()))
+        return features(self, x)
+
+    monkeypatch.setattr(cls, "features", recorded)
+    out = method.run(ctx)
+    steps = [h for h in out.history if "losses" in h]  # steps that updated the model
+    after_recovery = sum(prev["recovering"] for prev in steps[:-1])
+    assert after_recovery > 10
+    # Each step after one spent on recovery alone reads its forget batch without a graph, and
+    # only the recovery batch with one; every other step reads both batches in one graph.
+    assert reads.count((forget_bs, False)) == after_recovery
+    assert reads.count((32, True)) == after_recovery
+    assert reads.count((forget_bs + 32, True)) == len(steps) - after_recovery
+    assert problem.acc(out.model, ctx.forget_idx) <= 0.01
