@@ -84,6 +84,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -398,6 +399,24 @@ def saliency_masks(ctx: UnlearnContext, model: Classifier, fraction: float,
     return [(g.abs() >= threshold).to(p.dtype) for g, p in zip(grads, params, strict=True)]
 
 
+class _PhaseClock:
+    """Wall-clock seconds of a run's phases (`laps`: phase -> seconds), read where the run
+    already waits for the device (a probe's or a step's results), so timing adds no sync."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.laps[phase] = self.laps.get(phase, 0.0) + now - self._last
+        self._last = now
+
+    def move(self, source: str, target: str, seconds: float) -> None:
+        self.laps[source] -= seconds
+        self.laps[target] = self.laps.get(target, 0.0) + seconds
+
+
 class _RecoveryGate:
     """Retained accuracy measured on retained samples the recovery does not train on, against
     the original's accuracy on the same samples (checked at most once per `window` steps)."""
@@ -412,12 +431,15 @@ class _RecoveryGate:
         self.every = max(1, math.ceil(len(ctx.forget_idx) / min(cfg.forget_batch_size, len(ctx.forget_idx))))
         self.checked_at: int | None = None
         self.last: float | None = None
+        self.seconds = 0.0  # spent in checks
 
     def passes(self, step: int) -> bool:
         if self.checked_at is not None and step - self.checked_at < self.every:
             return False  # failed at its last check: recover a little longer before the next
         self.checked_at = step
+        start = time.perf_counter()
         self.last = accuracy(infer(self.model, self.ctx.data, self.idx))
+        self.seconds += time.perf_counter() - start
         freeze_batchnorm(self.model)  # `infer` put the model back in train mode
         return self.last >= self.target - self.tolerance
 
@@ -572,13 +594,16 @@ class FeatureConstraint(Method[FeatureConstraintConfig]):
 
     def run(self, ctx: UnlearnContext) -> MethodOutput:
         cfg = self.config
+        clock = _PhaseClock()
         recovery_idx = self.recovery_subset(ctx)
         monitor = forget_monitor(ctx, recovery_idx, cfg.heldout_probe, match_accuracy=cfg.match_accuracy,
                                  match_losses_min=cfg.match_losses_min if cfg.match_losses else None)
+        clock.lap("probes")
         model = freeze_batchnorm(ctx.student())
         dampening: dict[str, Any] = {}
         if cfg.dampen_absent and monitor.absent.any():
             dampening = _dampen_absent(ctx, model, cfg)
+            clock.lap("dampening")
         teacher = ctx.teacher()
         targets = (sample_targets(ctx, monitor.absent, cfg.heldout_probe)
                    if cfg.per_sample_targets and ctx.reference_stats is not None else None)
@@ -621,6 +646,7 @@ class FeatureConstraint(Method[FeatureConstraintConfig]):
         gate = (_RecoveryGate(ctx, model, recovery_idx, cfg)
                 if cfg.recovery_gate and monitor.absent.any() else None)
         forget_order = rng.permutation(ctx.forget_idx)
+        clock.lap("setup")
         for step in range(1, total + 1):
             # The statistics of this step are read off its forward pass, before its update:
             # they describe the model after `updates` optimisation steps (none at step 1).
@@ -730,6 +756,9 @@ class FeatureConstraint(Method[FeatureConstraintConfig]):
         if stopped_at is None and best is not None and cfg.early_stop:
             model.load_state_dict(best[2])
         model.eval()
+        clock.lap("steps")
+        if gate is not None:  # the gate's checks ran inside the steps
+            clock.move("steps", "gate", gate.seconds)
         return MethodOutput(
             model=model,
             steps=steps,
@@ -747,5 +776,6 @@ class FeatureConstraint(Method[FeatureConstraintConfig]):
                 "selected_step": (stopped_at if stopped_at is not None
                                   else best[1] if best else steps),
                 **dampening,
+                "phase_seconds": clock.laps,
             },
         )

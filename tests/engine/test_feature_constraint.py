@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 
 import numpy as np
 import pytest
@@ -375,7 +376,9 @@ def test_a_step_spent_on_recovery_alone_reads_the_forget_batch_without_a_graph(
         return features(self, x)
 
     monkeypatch.setattr(cls, "features", recorded)
+    start = time.perf_counter()
     out = method.run(ctx)
+    elapsed = time.perf_counter() - start
     steps = [h for h in out.history if "losses" in h]  # steps that updated the model
     after_recovery = sum(prev["recovering"] for prev in steps[:-1])
     assert after_recovery > 10
@@ -385,3 +388,8 @@ def test_a_step_spent_on_recovery_alone_reads_the_forget_batch_without_a_graph(
     assert reads.count((32, True)) == after_recovery
     assert reads.count((forget_bs + 32, True)) == len(steps) - after_recovery
     assert problem.acc(out.model, ctx.forget_idx) <= 0.01
+    # Where the time went: every phase of this run, none negative, together the run's time.
+    phases = out.extra["phase_seconds"]
+    assert set(phases) == {"probes", "dampening", "setup", "steps", "gate"}
+    assert min(phases.values()) >= 0.0 and phases["gate"] > 0.0
+    assert 0.5 * elapsed <= sum(phases.values()) <= elapsed
