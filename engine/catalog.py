@@ -248,6 +248,8 @@ METHODS: dict[str, MethodSpec] = {
                        "twice as strict, before dampening is given up", minimum=0, maximum=20),
                 _count("dampen_full_samples", None, "training samples the dampening's importance "
                        "on the training set is estimated on (None: all)", nullable=True),
+                _count("dampen_layers", None, "dampen only the parameters of the model's last "
+                       "this many layers (None: all)", nullable=True),
                 Option("per_sample_targets", "boolean", False,
                        "with the model's reference statistics, push forget samples that models "
                        "which never saw them misclassify down to their own expected score"),

@@ -64,10 +64,22 @@ class Importances:
     history: list[dict[str, Any]]
 
 
-def dampen(model: nn.Module, imp: Importances, *, alpha: float, dampening: float) -> int:
+def trainable(model: nn.Module, last_layers: int | None = None) -> list[nn.Parameter]:
+    """`model`'s trainable parameters; with `last_layers`, only those of its last that many
+    modules holding parameters (in definition order, the forward order of these models)."""
+    if last_layers is None:
+        return [p for p in model.parameters() if p.requires_grad]
+    layers = [m for m in model.modules()
+              if any(p.requires_grad for p in m.parameters(recurse=False))]
+    return [p for m in layers[-last_layers:] for p in m.parameters(recurse=False) if p.requires_grad]
+
+
+def dampen(model: nn.Module, imp: Importances, *, alpha: float, dampening: float,
+           last_layers: int | None = None) -> int:
     """Scale, in place, every parameter of `model` whose forget importance exceeds `alpha`
-    times its full importance by min(dampening * I_D / I_Df, 1); how many were selected."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    times its full importance by min(dampening * I_D / I_Df, 1); how many were selected.
+    `last_layers` must be the one the importances were computed with."""
+    params = trainable(model, last_layers)
     selected_total = 0
     with torch.no_grad():
         for p, f, d in zip(params, imp.forget, imp.full, strict=True):
@@ -82,8 +94,11 @@ class SelectiveSynapticDampening(Method[SSDConfig]):
     name = "ssd"
     Config = SSDConfig
 
-    def importances(self, ctx: UnlearnContext, model: nn.Module) -> Importances:
-        """`model`'s importances (in eval mode) on the forget set and the full training data."""
+    def importances(self, ctx: UnlearnContext, model: nn.Module,
+                    last_layers: int | None = None) -> Importances:
+        """`model`'s importances (in eval mode) on the forget set and the full training data;
+        with `last_layers`, only of the parameters of its last that many layers (`trainable`):
+        the backward pass then stops there."""
         cfg = self.config
         full_idx = np.concatenate([ctx.forget_idx, ctx.retain_idx]).astype(np.int64)
         if cfg.full_max_samples is not None and len(full_idx) > cfg.full_max_samples:
@@ -92,7 +107,7 @@ class SelectiveSynapticDampening(Method[SSDConfig]):
         n_forget = -(-len(ctx.forget_idx) // cfg.batch_size)
         total = n_forget + -(-len(full_idx) // cfg.batch_size)
         model.eval()
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = trainable(model, last_layers)
         history: list[dict[str, Any]] = []
         step = 0
 

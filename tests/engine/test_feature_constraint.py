@@ -393,3 +393,33 @@ def test_a_step_spent_on_recovery_alone_reads_the_forget_batch_without_a_graph(
     assert set(phases) == {"probes", "dampening", "setup", "steps", "gate"}
     assert min(phases.values()) >= 0.0 and phases["gate"] > 0.0
     assert 0.5 * elapsed <= sum(phases.values()) <= elapsed
+
+
+def test_dampening_the_last_layers_only_computes_their_importances_and_scales_only_them(
+        problem: Problem):
+    from engine.methods.ssd import SelectiveSynapticDampening, dampen, trainable
+
+    ds = problem.data.dataset
+    train = ds.train_indices
+    ctx = problem.context(forget_idx=train[ds.labels[train] == 1])
+    ssd = SelectiveSynapticDampening()
+    every = ssd.importances(ctx, ctx.student())
+    last = ssd.importances(ctx, ctx.student(), last_layers=1)
+    head = trainable(ctx.student(), 1)
+    assert len(head) == 2 and len(last.forget) == 2  # the head's weight and bias
+    # The same importances as the full pass computes for those parameters ...
+    for part in ("forget", "full"):
+        for a, b in zip(getattr(every, part)[-2:], getattr(last, part), strict=True):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-9)
+    # ... and only those parameters are scaled.
+    model = ctx.student()
+    ratio = (len(ctx.forget_idx) + len(ctx.retain_idx)) / len(ctx.forget_idx)
+    assert dampen(model, last, alpha=0.5 * ratio, dampening=1.0, last_layers=1) > 0
+    changed = [name for (name, p), q in zip(model.named_parameters(), ctx.original.parameters(),
+                                            strict=True) if not torch.equal(p, q)]
+    assert changed and all(name.startswith("head.") for name in changed)
+    # Through the method: an option, refused below 1.
+    out = make_method("feature_constraint", {"batch_size": 32, "dampen_layers": 1}).run(ctx)
+    assert 0 < out.extra["dampened_parameters"] <= sum(p.numel() for p in head)
+    with pytest.raises(InvalidInput):
+        make_method("feature_constraint", {"dampen_layers": 0})

@@ -1,4 +1,10 @@
-"""Old (ead3bb9) vs new feature_constraint, alternated on the same class cells; seconds per run."""
+"""Old (ead3bb9) vs new feature_constraint, alternated on the same class cells; seconds per run.
+
+    git show ead3bb9:engine/methods/feature_constraint.py > var/fc_old.py
+    .venv/bin/python docs/bench/robust/round4/ab_graphless.py n4000,n2000,n1000,classes5,noise5,mlp 0,1 out.json
+
+Originals come from the suite's cache (`var/bench-cache`), trained on first use.
+"""
 import importlib.util, json, statistics as st, sys, time
 from pathlib import Path
 import numpy as np, torch
