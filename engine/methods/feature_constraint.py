@@ -403,8 +403,8 @@ def saliency_masks(ctx: UnlearnContext, model: Classifier, fraction: float,
 
 
 class _PhaseClock:
-    """Wall-clock seconds of a run's phases (`laps`: phase -> seconds), read where the run
-    already waits for the device (a probe's or a step's results), so timing adds no sync."""
+    """Wall-clock seconds of a run's phases (`laps`: phase -> seconds). Nothing is
+    synchronised for it: on a GPU, work a phase queued may be counted in the next one."""
 
     def __init__(self) -> None:
         self.laps: dict[str, float] = {}
@@ -528,10 +528,13 @@ class FeatureConstraintConfig:
     dampen_backoff: int = 3
     # The training-set importance I_D is a mean over batches: estimated on at most this many
     # training samples (a uniform subsample; None: all of them). 1,024 on the suite's class
-    # runs: avg gap 0.47 against 0.45, no faster (docs/robustness.md).
+    # runs: avg gap 0.47 against 0.45, no faster; again in one run with the default, 0.48
+    # against 0.32 with acc_forget up to 3.7% (docs/robustness.md, round 4).
     dampen_full_samples: int | None = None
     # Dampen only the parameters of the model's last `dampen_layers` layers (None: all): the
-    # importance pass's backward then stops there.
+    # importance pass's backward then stops there. 2 on the suite's class runs: avg gap 0.31
+    # against 0.32, median time ratio 0.39 against 0.45, but one run left 0.53% of the class
+    # recognised (docs/robustness.md, round 4).
     dampen_layers: int | None = None
     # With the model's reference statistics: push forget samples that models which never saw
     # them misclassify down to their own expected score (`SampleTargets`). Off by default: on
