@@ -253,6 +253,11 @@ METHODS: dict[str, MethodSpec] = {
                 Option("per_sample_targets", "boolean", False,
                        "with the model's reference statistics, push forget samples that models "
                        "which never saw them misclassify down to their own expected score"),
+                Option("target_margin", "number", None, "with per_sample_targets: push each "
+                       "target only to max(its expected score, -this) (None: all the way)",
+                       nullable=True, exclusive_minimum=0, maximum=100),
+                _non_negative("recovery_logits", 0.0, 1000, "with per-sample targets: weight of "
+                              "the recovery batch's squared logit distance to the original's"),
                 Option("match_accuracy", "boolean", False,
                        "stop only once the forget set is recognised no more often than "
                        "held-out samples of its classes"),

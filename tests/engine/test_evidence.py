@@ -23,7 +23,8 @@ from engine.evidence import (
     membership_test,
     wilson,
 )
-from engine.metrics import retain_sample
+from engine.methods.feature_constraint import SampleTargets
+from engine.metrics import infer, retain_sample
 from engine.references import build_evidence, train_references
 from engine.training import train_model
 from engine.unlearning import unlearn
@@ -228,6 +229,44 @@ def test_default_method_result_is_reported(problem, stats, record_property):
     record_property("default_control_flagged", f"{e['control']['flagged']}/{e['control']['n']}")
     record_property("default_statement", e["statement"])
     assert res.metrics["acc_test"] == pytest.approx(problem.acc(res.model, ds.audit_indices))
+
+
+def test_capped_targets_stop_just_past_even_odds_and_the_logit_term_holds_retained_outputs(
+        problem, stats):
+    """`target_margin` pushes a target only to max(its expected score, -margin), so targets
+    end misclassified but less far from even odds than the full push leaves them;
+    `recovery_logits` keeps the recovery batch's logits near the original's meanwhile."""
+    t = SampleTargets(np.array([-3.0, -0.2, 1.0, -4.0]), np.ones(4),
+                      np.array([False, False, False, True]), margin=0.5)
+    assert t.targeted.tolist() == [True, True, False, False]  # an absent class is never a target
+    assert t.expected.tolist() == [-0.5, -0.2, 1.0, -4.0]
+
+    train = problem.data.dataset.train_indices
+    typical = problem.retain_idx[:: len(problem.retain_idx) // 16][:16]
+    forget = np.sort(np.concatenate([problem.forget_idx, typical]))
+    retain = train[~np.isin(train, forget)]
+    common = dict(arch="small_cnn", num_classes=NUM_CLASSES, data=problem.data, forget_idx=forget,
+                  retain_idx=retain, recipe=RECIPE, teacher_seed=11, seed=0, reference_stats=stats)
+    pst = {"per_sample_targets": True}
+    full = unlearn(problem.original, options=pst, **common)
+    capped = unlearn(problem.original, options={**pst, "target_margin": 0.5}, **common)
+    held = unlearn(problem.original, options={**pst, "target_margin": 0.5, "recovery_logits": 3.0},
+                   **common)
+
+    def phi(model, idx):
+        out = infer(model, problem.data, idx)
+        return logit_confidence(out.logits.numpy(), out.labels.numpy())
+
+    for res in (capped, held):
+        assert problem.acc(res.model, problem.forget_idx) <= 0.125
+        assert problem.acc(res.model, typical) >= 15 / 16
+    assert phi(capped.model, problem.forget_idx).mean() > phi(full.model, problem.forget_idx).mean()
+
+    def drift(model):
+        return float(((infer(model, problem.data, retain).logits
+                       - infer(problem.original, problem.data, retain).logits) ** 2).mean())
+
+    assert drift(held.model) < drift(capped.model)
 
 
 def test_statistics_from_another_dataset_are_refused(problem, stats):
