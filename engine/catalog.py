@@ -256,8 +256,9 @@ METHODS: dict[str, MethodSpec] = {
                 Option("target_margin", "number", None, "with per_sample_targets: push each "
                        "target only to max(its expected score, -this) (None: all the way)",
                        nullable=True, exclusive_minimum=0, maximum=100),
-                _non_negative("recovery_logits", 0.0, 1000, "with per-sample targets: weight of "
-                              "the recovery batch's squared logit distance to the original's"),
+                _non_negative("recovery_logits", 0.3, 1000, "when a class is gone or targets are "
+                              "pushed: weight of the recovery batch's squared logit distance "
+                              "to the original's, over the classes still carried"),
                 Option("match_accuracy", "boolean", False,
                        "stop only once the forget set is recognised no more often than "
                        "held-out samples of its classes"),

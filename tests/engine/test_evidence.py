@@ -248,8 +248,9 @@ def test_capped_targets_stop_just_past_even_odds_and_the_logit_term_holds_retain
     common = dict(arch="small_cnn", num_classes=NUM_CLASSES, data=problem.data, forget_idx=forget,
                   retain_idx=retain, recipe=RECIPE, teacher_seed=11, seed=0, reference_stats=stats)
     pst = {"per_sample_targets": True}
-    full = unlearn(problem.original, options=pst, **common)
-    capped = unlearn(problem.original, options={**pst, "target_margin": 0.5}, **common)
+    full = unlearn(problem.original, options={**pst, "recovery_logits": 0.0}, **common)
+    capped = unlearn(problem.original, options={**pst, "target_margin": 0.5, "recovery_logits": 0.0},
+                     **common)
     held = unlearn(problem.original, options={**pst, "target_margin": 0.5, "recovery_logits": 3.0},
                    **common)
 
