@@ -78,10 +78,10 @@ and the verification signal steers the run:
   original's on the same samples (`recovery_logits`, a squared distance), over the classes
   the retain pool still carries only: cross-entropy on a fitted retained sample is near zero
   until it flips, this term answers as soon as any logit drifts. Anchoring the gone class's
-  logits too brought it back (`noise5`, weight 1: 9.5% and 17.1% recognised). On the suite's class runs (30):
-  avg gap 0.29 against 0.32, runs more than 1 point of retained accuracy below retraining
-  1 against 4, forget flag rate inside retraining's interval on 25 against 20
-  (docs/robustness.md, round 5). Sample deletions without targets do not use it.
+  logits too brought it back (`noise5`, weight 1: 9.5% and 17.1% recognised). On the
+  suite's class runs (30): avg gap 0.29 against 0.32, runs more than 1 point of retained
+  accuracy below retraining 1 against 4, forget flag rate inside retraining's interval on 25
+  against 20 (docs/robustness.md, round 5). Sample deletions without targets do not use it.
 
 Without a stop within the budget the method returns the model closest to the target; with a
 recovery gate, only among the checkpoints the gate measured (the recovery batches alone would
@@ -644,14 +644,15 @@ class FeatureConstraint(Method[FeatureConstraintConfig]):
         teacher = ctx.teacher()
         targets = (sample_targets(ctx, monitor.absent, cfg.heldout_probe, cfg.target_margin)
                    if cfg.per_sample_targets and ctx.reference_stats is not None else None)
-        recovery_row = {int(i): k for k, i in enumerate(recovery_idx)}
         # Past the population rule, recovery also holds the retained samples' logits where
         # the original had them, over the classes the retain pool still carries.
         pushing = monitor.absent.any() or (targets is not None and targets.targeted.any())
-        original_logits = (infer(ctx.original, ctx.data, recovery_idx).logits.to(ctx.device)
-                           if cfg.recovery_logits and pushing else None)
-        kept = torch.zeros(ctx.num_classes, dtype=torch.bool, device=ctx.device)
-        kept[torch.from_numpy(np.unique(ctx.data.dataset.labels[ctx.retain_idx])).to(ctx.device)] = True
+        original_logits: Tensor | None = None
+        if cfg.recovery_logits and pushing:
+            carried = np.unique(ctx.data.dataset.labels[ctx.retain_idx])
+            original_logits = infer(ctx.original, ctx.data, recovery_idx).logits[:, carried].to(ctx.device)
+            carried_cols = torch.from_numpy(carried).to(ctx.device)
+            recovery_row = {int(i): k for k, i in enumerate(recovery_idx)}
 
         balancer = make_balancer(cfg.balancer, device=ctx.device, shared=_last_shared_parameter(model))
         # Classes that are gone need far more forgetting than samples: the step size grows
@@ -748,7 +749,7 @@ class FeatureConstraint(Method[FeatureConstraintConfig]):
             if original_logits is not None:
                 rows = [recovery_row[int(i)] for i in r_idx]
                 recover_loss = recover_loss + cfg.recovery_logits * nn.functional.mse_loss(
-                    logits_r.float()[:, kept], original_logits[rows][:, kept])
+                    logits_r.float()[:, carried_cols], original_logits[rows])
             losses = {"forget": forget_loss, "recover": recover_loss}
             recovered = retain_acc >= monitor.retain_acc - cfg.tolerance
             if gate is not None and recovered and forgotten and updates >= cfg.min_steps:
