@@ -231,6 +231,18 @@ def test_default_method_result_is_reported(problem, stats, record_property):
     assert res.metrics["acc_test"] == pytest.approx(problem.acc(res.model, ds.audit_indices))
 
 
+def _memorised_and_typical(problem, stats):
+    """The memorised samples plus 16 typical ones as the forget set: (the typical ones, the
+    retain pool, `unlearn`'s arguments with the reference statistics)."""
+    train = problem.data.dataset.train_indices
+    typical = problem.retain_idx[:: len(problem.retain_idx) // 16][:16]
+    forget = np.sort(np.concatenate([problem.forget_idx, typical]))
+    retain = train[~np.isin(train, forget)]
+    common = dict(arch="small_cnn", num_classes=NUM_CLASSES, data=problem.data, forget_idx=forget,
+                  retain_idx=retain, recipe=RECIPE, teacher_seed=11, seed=0, reference_stats=stats)
+    return typical, retain, common
+
+
 def test_capped_targets_stop_just_past_even_odds_and_the_logit_term_holds_retained_outputs(
         problem, stats):
     """`target_margin` pushes a target only to max(its expected score, -margin), so targets
@@ -241,12 +253,7 @@ def test_capped_targets_stop_just_past_even_odds_and_the_logit_term_holds_retain
     assert t.targeted.tolist() == [True, True, False, False]  # an absent class is never a target
     assert t.expected.tolist() == [-0.5, -0.2, 1.0, -4.0]
 
-    train = problem.data.dataset.train_indices
-    typical = problem.retain_idx[:: len(problem.retain_idx) // 16][:16]
-    forget = np.sort(np.concatenate([problem.forget_idx, typical]))
-    retain = train[~np.isin(train, forget)]
-    common = dict(arch="small_cnn", num_classes=NUM_CLASSES, data=problem.data, forget_idx=forget,
-                  retain_idx=retain, recipe=RECIPE, teacher_seed=11, seed=0, reference_stats=stats)
+    typical, retain, common = _memorised_and_typical(problem, stats)
     pst = {"per_sample_targets": True}
     full = unlearn(problem.original, options={**pst, "recovery_logits": 0.0}, **common)
     capped = unlearn(problem.original, options={**pst, "target_margin": 0.5, "recovery_logits": 0.0},
@@ -263,9 +270,10 @@ def test_capped_targets_stop_just_past_even_odds_and_the_logit_term_holds_retain
         assert problem.acc(res.model, typical) >= 15 / 16
     assert phi(capped.model, problem.forget_idx).mean() > phi(full.model, problem.forget_idx).mean()
 
+    before = infer(problem.original, problem.data, retain).logits
+
     def drift(model):
-        return float(((infer(model, problem.data, retain).logits
-                       - infer(problem.original, problem.data, retain).logits) ** 2).mean())
+        return float(((infer(model, problem.data, retain).logits - before) ** 2).mean())
 
     assert drift(held.model) < drift(capped.model)
 
@@ -281,12 +289,7 @@ def test_per_sample_targets_forget_what_never_trained_models_misclassify(problem
     which never saw it misclassify (the random labels) ends misclassified; a typical forget
     sample, which they recognise, stays correct. Without the targets the memorised samples
     are still recognised (the population rule sees them as unseen already)."""
-    train = problem.data.dataset.train_indices
-    typical = problem.retain_idx[:: len(problem.retain_idx) // 16][:16]
-    forget = np.sort(np.concatenate([problem.forget_idx, typical]))
-    retain = train[~np.isin(train, forget)]
-    common = dict(arch="small_cnn", num_classes=NUM_CLASSES, data=problem.data, forget_idx=forget,
-                  retain_idx=retain, recipe=RECIPE, teacher_seed=11, seed=0, reference_stats=stats)
+    typical, _, common = _memorised_and_typical(problem, stats)
     without = unlearn(problem.original, **common)  # the default: targets off
     assert problem.acc(without.model, problem.forget_idx) >= 0.75
     res = unlearn(problem.original, options={"per_sample_targets": True}, **common)
