@@ -66,6 +66,12 @@ def load_strict(module: nn.Module, state: dict[str, Tensor], arch: str) -> None:
     ]
     if missing or unexpected or mismatched:
         raise CheckpointMismatch(arch, missing=missing, unexpected=unexpected, mismatched=mismatched)
+    non_finite = sorted(k for k, t in state.items()
+                        if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if non_finite:
+        more = f" (and {len(non_finite) - 10} more)" if len(non_finite) > 10 else ""
+        raise InvalidCheckpoint(f"checkpoint holds NaN or infinite values in {len(non_finite)} "
+                                f"tensors: {', '.join(non_finite[:10])}{more}")
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:

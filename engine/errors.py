@@ -11,6 +11,8 @@
     │   │   └── CheckpointMismatch      missing, unexpected or mis-shaped tensors, each named
     │   ├── PathOutsideDataset    manifest rows whose image path leaves the dataset folder
     │   └── UnreadableImages      image files missing or undecodable, by sample ID
+    ├── NonFiniteOutputs          a model gives NaN or infinite logits where it is measured
+    ├── UnlearningDiverged        the method left non-finite weights or outputs; nothing is published
     └── Cancelled                 the job was cancelled; nothing is published
 
 The worker turns each into a failed (or cancelled) job with its evidence; the API maps
@@ -68,6 +70,23 @@ class InvalidCheckpoint(InvalidInput):
 
 class Cancelled(EngineError):
     code = "cancelled"
+
+
+class NonFiniteOutputs(EngineError):
+    """A model gives NaN or infinite logits on samples it is measured on."""
+
+    code = "non_finite_outputs"
+
+
+class UnlearningDiverged(EngineError):
+    """The method's model holds NaN or infinite weights, or gives such outputs: verifying or
+    publishing it would describe nothing."""
+
+    code = "unlearning_diverged"
+
+    def __init__(self, method: str, problem: str) -> None:
+        self.method, self.problem = method, problem
+        super().__init__(f"{method} diverged: {problem}; nothing was published")
 
 
 class UnsupportedArchitecture(UnknownName):

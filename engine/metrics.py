@@ -19,6 +19,7 @@ from sklearn.linear_model import LogisticRegression
 from torch import Tensor
 
 from engine.archs import Classifier
+from engine.errors import NonFiniteOutputs
 from engine.runtime import DeviceData
 
 RETAIN_SAMPLE_MAX = 5000
@@ -133,6 +134,11 @@ def verification_metrics(
     forget = infer(model, data, forget_idx, with_features=True)
     retain = infer(model, data, retain_probe)
     test = infer(model, data, test_idx)
+    for name, out in (("forget", forget), ("retained", retain), ("audit", test)):
+        bad = int((~torch.isfinite(out.logits).all(1)).sum())
+        if bad:
+            raise NonFiniteOutputs(f"NaN or infinite logits on {bad} of {len(out.logits)} "
+                                   f"{name} samples")
     orig_forget = infer(original, data, forget_idx)
     teacher_forget = infer(teacher, data, forget_idx, with_features=True)
 

@@ -16,7 +16,7 @@ import numpy.typing as npt
 import torch
 
 from engine.archs import Classifier
-from engine.errors import InvalidInput
+from engine.errors import InvalidInput, NonFiniteOutputs, UnlearningDiverged
 from engine.evidence import ALPHA, ReferenceStats
 from engine.methods import DEFAULT_METHOD, UnlearnContext, make_method
 from engine.metrics import gaps, retain_sample, verification_metrics
@@ -71,6 +71,12 @@ def check_partition(
         raise InvalidInput("forget and retain samples must come from the training split")
 
 
+def non_finite_tensors(model: torch.nn.Module) -> list[str]:
+    """Names of the model's floating-point parameters and buffers holding NaN or inf."""
+    return [name for name, t in model.state_dict().items()
+            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
 def unlearn(
     original: Classifier,
     *,
@@ -116,6 +122,11 @@ def unlearn(
     out = impl.run(ctx)
     _sync(data.device)
     seconds = time.perf_counter() - start
+    broken = non_finite_tensors(out.model)
+    if broken:
+        more = f" (and {len(broken) - 10} more)" if len(broken) > 10 else ""
+        raise UnlearningDiverged(method, f"NaN or infinite values in {len(broken)} tensors "
+                                         f"({', '.join(broken[:10])}{more})")
 
     reporter.report(Progress("verifying", out.steps, out.steps), force=True)
     teacher = ctx.teacher()
@@ -123,7 +134,10 @@ def unlearn(
         original=original, teacher=teacher, data=data, forget_idx=ctx.forget_idx,
         retain_idx=ctx.retain_idx, test_idx=data.dataset.audit_indices, seed=metric_seed,
     )
-    metrics: dict[str, Any] = dict(verification_metrics(out.model, **verify_kw))
+    try:
+        metrics: dict[str, Any] = dict(verification_metrics(out.model, **verify_kw))
+    except NonFiniteOutputs as exc:
+        raise UnlearningDiverged(method, str(exc)) from exc
     metrics.update(seconds=seconds, steps=out.steps, device=str(data.device))
     evidence_kw: dict[str, Any] = dict(
         data=data, forget_idx=ctx.forget_idx, stats=reference_stats, alpha=alpha,

@@ -84,6 +84,16 @@ def test_mis_shaped_checkpoint_is_refused():
         load_model("small_cnn", 10, (1, 28, 28), other)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_checkpoints_holding_nan_or_inf_are_refused_and_the_tensor_named(bad: float):
+    model = build_model("small_cnn", 10, (1, 28, 28), seed=1)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    name = sorted(k for k, v in state.items() if v.is_floating_point())[-1]
+    state[name].view(-1)[3] = bad
+    with pytest.raises(InvalidCheckpoint, match=f"NaN or infinite values in 1 tensors: {name}$"):
+        load_model("small_cnn", 10, (1, 28, 28), st_save(state))
+
+
 def _tiny_dataset() -> Dataset:
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(3), 40)

@@ -5,18 +5,25 @@ from __future__ import annotations
 import copy
 import math
 import time
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from sample_data import write_tiny_dataset
 from tiny_problem import NUM_CLASSES, RECIPE, Problem
 
-from engine.errors import Cancelled, InvalidInput
+import engine.methods.feature_constraint as fc
+from engine.checkpoint import bytes_to_state
+from engine.datasets import DatasetSpec
+from engine.errors import Cancelled, InvalidInput, UnlearningDiverged
+from engine.jobs import ModelSpec, run_unlearn
 from engine.methods import DEFAULT_METHOD, make_method
 from engine.methods.feature_constraint import ForgetMonitor, forget_monitor, saliency_masks
-from engine.metrics import infer
+from engine.metrics import METRIC_NAMES, infer
 from engine.runtime import Reporter
-from engine.unlearning import check_partition
+from engine.unlearning import check_partition, non_finite_tensors, unlearn
 
 # The mnist5k defaults (SGD, lr 1e-3, 5 passes) barely move samples memorised against their
 # visual class in this tiny problem; Adam at the same lr with a longer budget does.
@@ -450,3 +457,73 @@ def test_a_class_gone_holds_retained_logits_over_the_classes_still_carried(probl
         assert problem.acc(out.model, ctx.retain_idx) >= 0.95
     assert drift(runs[0.3].model) < 0.25 * drift(runs[0.0].model)
     assert drift(runs[3.0].model) < 0.25 * drift(runs[0.0].model)
+
+
+def test_the_logit_pull_is_the_squared_drift_below_its_delta_and_linear_past_it():
+    anchor = torch.zeros(2, 3)
+    near = torch.tensor([[0.5, -1.0, 2.0], [0.0, 3.0, -0.25]], requires_grad=True)
+    pull, drift = fc._logit_pull(near, anchor)
+    assert torch.equal(pull, torch.nn.functional.mse_loss(near, anchor)) and drift == 3.0
+    far = torch.tensor([[1e4, -1e4, 0.0], [3e3, 0.0, 0.0]], requires_grad=True)
+    pull, drift = fc._logit_pull(far, anchor)
+    pull.backward()
+    delta = fc.LOGIT_PULL_DELTA
+    assert drift == 1e4
+    assert float(pull.detach()) == pytest.approx((2 * delta * (1e4 + 1e4 + 3e3) - 3 * delta**2) / 6)
+    # Every logit past delta is pulled with the same bounded force, however far it drifted.
+    assert torch.allclose(far.grad.abs()[far.detach() != 0], torch.tensor(2 * delta / 6))
+
+
+@pytest.mark.parametrize("last_of_class", [0, 1])
+def test_a_class_gone_from_a_model_whose_logits_run_to_thousands_unlearns_without_diverging(
+    tmp_path: Path, make_checkpoint: Any, monkeypatch: pytest.MonkeyPatch, last_of_class: int
+):
+    """A checkpoint of seeded noise (logits in the thousands, like an untrained or badly
+    scaled upload) asked to forget the last two training samples of a class, the rest of it
+    forgotten before: with the plain squared logit pull the recovery steps overshoot and the
+    job ends `unlearning_diverged`; with the bounded pull (and the run ending on its best
+    checkpoint should its losses still turn NaN) it publishes a finite model whose metrics
+    are all measured. What such a model forgets is the verdict's business, not this test's."""
+    path = write_tiny_dataset(tmp_path / "tiny.npz")
+    with np.load(path) as d:
+        train = [str(i) for i, s in zip(d["ids"], d["split"], strict=True) if s == "train"]
+    spec = ModelSpec("small_cnn", 4, DatasetSpec("npz", str(path)))
+    per_class = len(train) // 4
+    end = per_class * (last_of_class + 1)
+    kw: dict[str, Any] = dict(checkpoint=make_checkpoint(), forget_ids=train[end - 2:end],
+                              forgotten_ids=train[:end - 2], device="cpu")
+    out = run_unlearn(spec, **kw)
+    assert all(math.isfinite(out.metrics[name]) for name in METRIC_NAMES)
+    assert all(bool(torch.isfinite(t).all()) for t in bytes_to_state(out.weights).values()
+               if t.is_floating_point())
+    monkeypatch.setattr(fc, "LOGIT_PULL_DELTA", 1e9)  # the plain square, as before
+    with pytest.raises(UnlearningDiverged) as err:
+        run_unlearn(spec, **kw)
+    assert err.value.code == "unlearning_diverged"
+
+
+def test_a_run_whose_losses_turn_non_finite_ends_on_the_best_checkpoint_it_measured(
+    problem: Problem,
+):
+    # At the catalog's largest learning rate a class deletion of the tiny problem overshoots
+    # until its losses are NaN: the run stops there and returns the best checkpoint before.
+    ds = problem.data.dataset
+    train = ds.train_indices
+    ctx = problem.context(forget_idx=train[ds.labels[train] == 1])
+    out = make_method("feature_constraint", {"batch_size": 32, "lr": 10.0}).run(ctx)
+    assert out.extra["diverged_at"] == out.steps
+    assert out.extra["selected_step"] < out.steps
+    assert non_finite_tensors(out.model) == []
+    assert problem.acc(out.model, ctx.forget_idx) == 0.0
+
+
+def test_a_model_left_non_finite_is_refused_before_it_is_verified(problem: Problem):
+    broken = copy.deepcopy(problem.original)
+    with torch.no_grad():
+        broken.head.weight.view(-1)[0] = float("nan")
+    diverged = r"^finetune diverged: NaN or infinite values in \d+ tensors"
+    with pytest.raises(UnlearningDiverged, match=diverged) as err:
+        unlearn(broken, arch="small_cnn", num_classes=NUM_CLASSES, data=problem.data,
+                forget_idx=problem.forget_idx, retain_idx=problem.retain_idx, recipe=RECIPE,
+                method="finetune")
+    assert err.value.code == "unlearning_diverged" and "head.weight" in err.value.problem
