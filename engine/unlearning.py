@@ -19,7 +19,7 @@ from engine.archs import Classifier
 from engine.errors import InvalidInput, NonFiniteOutputs, UnlearningDiverged
 from engine.evidence import ALPHA, ReferenceStats
 from engine.methods import DEFAULT_METHOD, UnlearnContext, make_method
-from engine.metrics import gaps, retain_sample, verification_metrics
+from engine.metrics import gaps, infer, retain_sample, verification_metrics
 from engine.references import build_evidence
 from engine.runtime import DeviceData, Progress, Reporter
 from engine.training import Recipe
@@ -117,6 +117,11 @@ def unlearn(
         heldout_idx=data.dataset.calibration_indices, recipe=recipe,
         teacher_seed=teacher_seed, seed=seed, reporter=reporter, reference_stats=reference_stats,
     )
+    bad = int((~torch.isfinite(infer(original, data, ctx.forget_idx).logits).all(1)).sum())
+    if bad:
+        raise NonFiniteOutputs(f"the base checkpoint gives NaN or infinite logits on {bad} of "
+                               f"{len(ctx.forget_idx)} samples to forget; it cannot be unlearned "
+                               f"or verified")
     _sync(data.device)
     start = time.perf_counter()
     out = impl.run(ctx)

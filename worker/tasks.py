@@ -17,8 +17,9 @@ Flow of one message:
    interval.
 3. `complete_job` verifies and publishes in one transaction; a fallback job it names (the
    model's policy after a failed verdict) is enqueued.
-4. `engine.errors.Cancelled` → `mark_cancelled`; `engine.errors.InvalidInput` → `fail_job`
-   with its code and message; anything else → `fail_job` with code `worker_error` and the
+4. `engine.errors.Cancelled` → `mark_cancelled`; `engine.errors.InvalidInput`,
+   `NonFiniteOutputs` and `UnlearningDiverged` → `fail_job` with its code and message;
+   anything else → `fail_job` with its `code` attribute or `worker_error`, and the
    exception's type and message (never a traceback; the traceback goes to the worker log).
    `StaleAttempt` from the service means another attempt owns the job now: this one stops
    without touching it. A re-attempt (attempt > 1) first removes what the earlier attempt
@@ -53,7 +54,7 @@ from app.services import jobs as job_service
 from app.services import references as reference_service
 from app.settings import Settings, get_settings
 from app.vocab import FINAL_JOB_STATUSES, JobKind, JobPhase, JobStatus
-from engine.errors import Cancelled, InvalidInput
+from engine.errors import Cancelled, InvalidInput, NonFiniteOutputs, UnlearningDiverged
 from models_store import Store
 
 if TYPE_CHECKING:
@@ -497,8 +498,8 @@ def _run_claimed(
         log.info("job %s cancelled", job_id)
         _enqueue(sessions, enqueue, follow_ups)
         return JobRun(job_id, JobStatus.CANCELLED, follow_ups=tuple(follow_ups))
-    except InvalidInput as exc:
-        log.info("job %s refused by the engine: %s", job_id, exc)
+    except (InvalidInput, NonFiniteOutputs, UnlearningDiverged) as exc:
+        log.info("job %s ended by the engine (%s): %s", job_id, exc.code, exc)
         follow_ups = _fail(sessions, job_id, error=_error_text(exc), code=exc.code,
                            attempt=ticket.attempt, worker=worker)
         _enqueue(sessions, enqueue, follow_ups)

@@ -17,7 +17,7 @@ from tiny_problem import NUM_CLASSES, RECIPE, Problem
 import engine.methods.feature_constraint as fc
 from engine.checkpoint import bytes_to_state
 from engine.datasets import DatasetSpec
-from engine.errors import Cancelled, InvalidInput, UnlearningDiverged
+from engine.errors import Cancelled, InvalidInput, NonFiniteOutputs, UnlearningDiverged
 from engine.jobs import ModelSpec, run_unlearn
 from engine.methods import DEFAULT_METHOD, make_method
 from engine.methods.feature_constraint import ForgetMonitor, forget_monitor, saliency_masks
@@ -517,13 +517,23 @@ def test_a_run_whose_losses_turn_non_finite_ends_on_the_best_checkpoint_it_measu
     assert problem.acc(out.model, ctx.forget_idx) == 0.0
 
 
-def test_a_model_left_non_finite_is_refused_before_it_is_verified(problem: Problem):
+def test_a_method_leaving_nan_weights_fails_unlearning_diverged_and_names_them(problem: Problem):
+    # Fine-tuning at lr 1e20 (far past the 10 the catalog accepts from clients) overflows.
+    diverged = r"^finetune diverged: NaN or infinite values in \d+ tensors \(conv1.weight, "
+    with pytest.raises(UnlearningDiverged, match=diverged) as err:
+        unlearn(problem.original, arch="small_cnn", num_classes=NUM_CLASSES, data=problem.data,
+                forget_idx=problem.forget_idx, retain_idx=problem.retain_idx, recipe=RECIPE,
+                method="finetune", options={"lr": 1e20})
+    assert err.value.code == "unlearning_diverged" and "head.weight" in err.value.problem
+
+
+def test_a_base_model_giving_nan_logits_is_refused_before_any_method_runs(problem: Problem):
+    # `unlearn` takes a model, not a file (a file holding NaN is refused when loaded).
     broken = copy.deepcopy(problem.original)
     with torch.no_grad():
         broken.head.weight.view(-1)[0] = float("nan")
-    diverged = r"^finetune diverged: NaN or infinite values in \d+ tensors"
-    with pytest.raises(UnlearningDiverged, match=diverged) as err:
+    refused = r"^the base checkpoint gives NaN or infinite logits on 16 of 16 samples to forget"
+    with pytest.raises(NonFiniteOutputs, match=refused) as err:
         unlearn(broken, arch="small_cnn", num_classes=NUM_CLASSES, data=problem.data,
-                forget_idx=problem.forget_idx, retain_idx=problem.retain_idx, recipe=RECIPE,
-                method="finetune")
-    assert err.value.code == "unlearning_diverged" and "head.weight" in err.value.problem
+                forget_idx=problem.forget_idx, retain_idx=problem.retain_idx, recipe=RECIPE)
+    assert err.value.code == "non_finite_outputs"

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from worker_world import World
 
@@ -166,6 +167,29 @@ def test_corrupt_base_checkpoint_fails_with_evidence(world: World) -> None:
     assert "Traceback" not in job.error["message"] and job.error["message"]
     assert [v.version for v in world.versions()] == [1]
     assert world.actions(f"job:{job_id}")[-1] == "job.failed"
+
+
+def test_a_base_checkpoint_whose_logits_overflow_fails_its_job_with_the_reason(world: World) -> None:
+    # Finite weights (a load accepts them) whose logits overflow float32: the job says so
+    # instead of crashing in the method's or the verification's statistics.
+    from safetensors.numpy import load, save
+
+    _train(world)
+    path = world.store.resolve(world.versions()[0].path)
+    tensors = load(path.read_bytes())
+    tensors["head.weight"] = np.full_like(tensors["head.weight"], 3e38)
+    tensors["head.bias"] = np.full_like(tensors["head.bias"], 3e38)
+    path.chmod(0o644)
+    path.write_bytes(save(tensors))
+    _, job_id = world.submit("tiny", world.train_ids()[:5])
+    assert job_id is not None
+    run = run_job(job_id, worker="w1", settings=world.settings, sessions=world.sessions,
+                  store=world.store)
+    job = world.job(job_id)
+    assert run.outcome == "failed" and job.error is not None
+    assert job.error["code"] == run.detail == "non_finite_outputs"
+    assert "NaN or infinite logits on 5 of 5 samples to forget" in job.error["message"]
+    assert [v.version for v in world.versions()] == [1]
 
 
 def test_missing_dataset_file_fails_the_train_job(world: World) -> None:
