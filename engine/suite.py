@@ -318,6 +318,8 @@ def format_costs(records: Sequence[dict[str, Any]]) -> str:
 
 
 GAP_TARGET = {"random": 1.0, "class": 1.0, "small": 0.5}
+#: Points within which a figure counts as on a class target's bound (floating-point noise only).
+ROUNDING = 1e-9
 TIME_TARGET = {"random": 0.10, "class": 0.10, "small": 0.05}
 #: The noise floor's row (`--floor`): an exact retraining with another seed. Its gap to the
 #: reference retraining is what any method's gap contains from the reference's own randomness.
@@ -360,7 +362,10 @@ def target_rows(records: Sequence[dict[str, Any]], default: str = DEFAULT_METHOD
         if scenario == "class":
             row["acc_forget"] = [100 * float(r["acc_forget"]) for r in rs]
             row["retain_drop"] = [100 * (r["retrain"]["acc_retain"] - r["acc_retain"]) for r in rs]
-            row["class_ok"] = (max(row["acc_forget"]) <= 0.5 and max(row["retain_drop"]) <= 1.0)
+            # Accuracies are ratios of counts: 36 of 3,600 below is exactly the 1 pt allowed,
+            # but 1.0000000000000009 in floating point.
+            row["class_ok"] = (max(row["acc_forget"]) <= 0.5 + ROUNDING
+                               and max(row["retain_drop"]) <= 1.0 + ROUNDING)
         rows.append(row)
     return rows
 

@@ -107,6 +107,16 @@ def test_targets_are_judged_per_configuration_with_per_seed_values() -> None:
     assert "0.40, 1.40" in report and "**missed**" in report
 
 
+@pytest.mark.parametrize(("retained", "ok"), [(3555, True), (3554, False)])
+def test_a_class_run_exactly_one_point_below_retrain_is_within_the_target(retained: int, ok: bool):
+    # 36 of 3,600 retained samples fewer than retraining is 1 pt exactly; 37 is over.
+    records = [_rec("retrain", "class", 0, 0.0),
+               _rec("feature_constraint", "class", 0, 0.4, acc_retain=retained / 3600,
+                    retrain={"acc_retain": 3591 / 3600})]
+    (row,) = target_rows(records)
+    assert row["class_ok"] is ok
+
+
 def test_the_noise_floor_is_reported_beside_the_targets_and_is_not_a_method() -> None:
     records = [_rec("retrain", "small", 0, 0.0), _rec("retrain", "small", 1, 0.0),
                _rec("feature_constraint", "small", 0, 0.3), _rec("feature_constraint", "small", 1, 0.5),
