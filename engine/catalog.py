@@ -258,7 +258,8 @@ METHODS: dict[str, MethodSpec] = {
                        nullable=True, exclusive_minimum=0, maximum=100),
                 _non_negative("recovery_logits", 0.3, 1000, "when a class is gone or targets are "
                               "pushed: weight of the recovery batch's squared logit distance "
-                              "to the original's, over the classes still carried"),
+                              "to the original's (linear past 24 logits), over the classes "
+                              "still carried"),
                 Option("match_accuracy", "boolean", False,
                        "stop only once the forget set is recognised no more often than "
                        "held-out samples of its classes"),

@@ -8,6 +8,7 @@ checkpoint names parameters exactly as `engine.arch_shapes` does, or, for a `tim
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
 from engine.archs import Classifier, build_model
-from engine.errors import CheckpointMismatch, InvalidCheckpoint
+from engine.errors import CheckpointMismatch, InvalidCheckpoint, listing
 
 _PREFIXES = ("module.", "_orig_mod.")
 
@@ -53,6 +54,12 @@ def _strip_wrappers(state: dict[str, Tensor], shared: str = "model.") -> dict[st
         state = {k[len(shared):]: v for k, v in state.items()}
 
 
+def non_finite(state: Mapping[str, Tensor]) -> list[str]:
+    """Names (sorted) of the floating-point tensors of `state` holding NaN or inf."""
+    return sorted(k for k, t in state.items()
+                  if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+
+
 def load_strict(module: nn.Module, state: dict[str, Tensor], arch: str) -> None:
     """Load `state` into `module` strictly; a mismatch names every missing, unexpected and
     mis-shaped tensor."""
@@ -66,12 +73,10 @@ def load_strict(module: nn.Module, state: dict[str, Tensor], arch: str) -> None:
     ]
     if missing or unexpected or mismatched:
         raise CheckpointMismatch(arch, missing=missing, unexpected=unexpected, mismatched=mismatched)
-    non_finite = sorted(k for k, t in state.items()
-                        if t.is_floating_point() and not bool(torch.isfinite(t).all()))
-    if non_finite:
-        more = f" (and {len(non_finite) - 10} more)" if len(non_finite) > 10 else ""
-        raise InvalidCheckpoint(f"checkpoint holds NaN or infinite values in {len(non_finite)} "
-                                f"tensors: {', '.join(non_finite[:10])}{more}")
+    broken = non_finite(state)
+    if broken:
+        raise InvalidCheckpoint(f"checkpoint holds NaN or infinite values in {len(broken)} "
+                                f"tensors: {listing(broken)}")
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:

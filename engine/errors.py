@@ -117,12 +117,12 @@ class CheckpointMismatch(InvalidCheckpoint):
         self.mismatched = sorted(mismatched)
         parts = []
         if self.missing:
-            parts.append(f"missing {len(self.missing)}: {_some(self.missing, limit)}")
+            parts.append(f"missing {len(self.missing)}: {listing(self.missing, limit)}")
         if self.unexpected:
-            parts.append(f"unexpected {len(self.unexpected)}: {_some(self.unexpected, limit)}")
+            parts.append(f"unexpected {len(self.unexpected)}: {listing(self.unexpected, limit)}")
         if self.mismatched:
             shown = [f"{k} (file {list(got)}, model {list(want)})" for k, got, want in self.mismatched]
-            parts.append(f"mis-shaped {len(shown)}: {_some(shown, limit)}")
+            parts.append(f"mis-shaped {len(shown)}: {listing(shown, limit)}")
         super().__init__(f"checkpoint does not fit {arch}: " + "; ".join(parts))
 
 
@@ -144,6 +144,7 @@ class UnreadableImages(InvalidInput):
                          f"{', '.join(shown)}{more}")
 
 
-def _some(items: list[str], limit: int) -> str:
+def listing(items: list[str], limit: int = 10) -> str:
+    """The first `limit` items, comma-separated, and how many more there are."""
     more = f" (and {len(items) - limit} more)" if len(items) > limit else ""
     return ", ".join(items[:limit]) + more

@@ -16,7 +16,8 @@ import numpy.typing as npt
 import torch
 
 from engine.archs import Classifier
-from engine.errors import InvalidInput, NonFiniteOutputs, UnlearningDiverged
+from engine.checkpoint import non_finite
+from engine.errors import InvalidInput, NonFiniteOutputs, UnlearningDiverged, listing
 from engine.evidence import ALPHA, ReferenceStats
 from engine.methods import DEFAULT_METHOD, UnlearnContext, make_method
 from engine.metrics import gaps, infer, retain_sample, verification_metrics
@@ -71,12 +72,6 @@ def check_partition(
         raise InvalidInput("forget and retain samples must come from the training split")
 
 
-def non_finite_tensors(model: torch.nn.Module) -> list[str]:
-    """Names of the model's floating-point parameters and buffers holding NaN or inf."""
-    return [name for name, t in model.state_dict().items()
-            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-
-
 def unlearn(
     original: Classifier,
     *,
@@ -127,11 +122,10 @@ def unlearn(
     out = impl.run(ctx)
     _sync(data.device)
     seconds = time.perf_counter() - start
-    broken = non_finite_tensors(out.model)
+    broken = non_finite(out.model.state_dict())
     if broken:
-        more = f" (and {len(broken) - 10} more)" if len(broken) > 10 else ""
         raise UnlearningDiverged(method, f"NaN or infinite values in {len(broken)} tensors "
-                                         f"({', '.join(broken[:10])}{more})")
+                                         f"({listing(broken)})")
 
     reporter.report(Progress("verifying", out.steps, out.steps), force=True)
     teacher = ctx.teacher()

@@ -580,10 +580,10 @@ class FeatureConstraintConfig:
     target_margin: float | None = None
     # When a class is gone or per-sample targets are pushed: weight of a second recovery
     # term, the squared distance of the recovery batch's logits to the original's over the
-    # classes the retain pool still carries (0: off). 0.3 on the suite's class runs: avg gap
-    # 0.29 against 0.32 without, 1.0 gave 0.31. With per-sample targets (`target_margin` 0.5)
-    # 3 on its random runs: 1.64 against 1.74 without targets, time ratio about twice
-    # (docs/robustness.md, round 5).
+    # classes the retain pool still carries (linear past `LOGIT_PULL_DELTA`; 0: off). 0.3 on
+    # the suite's class runs: avg gap 0.29 against 0.32 without, 1.0 gave 0.31. With
+    # per-sample targets (`target_margin` 0.5) 3 on its random runs: 1.64 against 1.74
+    # without targets, time ratio about twice (docs/robustness.md, round 5).
     recovery_logits: float = 0.3
     # Also require the forget set of present classes to be recognised no more often than
     # held-out samples of their classes are (the original model's held-out accuracy).
